@@ -1,0 +1,57 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The embedded default model, converted once (cached under $SPA_CACHE)."""
+    import common
+    return common.ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(real_model_dir):
+    import common
+    return common.load_tokenizer(str(real_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_model_dir, tokenizer):
+    """A randomly initialised 2-layer Llama with the real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    d = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def run(script, *args, check=True):
+    """Run a stage as a user would; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def write_jsonl(path, records):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]

@@ -1,0 +1,74 @@
+"""sample.py, score.py and refine.py as a user runs them: resume, bad input, end to end."""
+import json
+
+from conftest import read_jsonl, run, write_jsonl
+
+PROMPTS = [{"id": f"p{i}", "prompt": f"Question number {i}: is {'it ' * i}safe?", "category": "c"} for i in range(4)]
+
+
+def test_sample_resume_after_torn_line_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    inp = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = ["--input", inp, "--model", tiny_model_dir, "--n", 3, "--max-new-tokens", 6, "--batch-size", 1, "--seed", 5]
+    run("sample.py", *args, "--output", tmp_path / "full.jsonl")
+    full = (tmp_path / "full.jsonl").read_bytes()
+    lines = full.splitlines(keepends=True)
+    assert len(lines) == 4
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # crash in the middle of line 3
+    p = run("sample.py", *args, "--output", cut)
+    assert "2 resumed" in p.stdout
+    assert cut.read_bytes() == full
+    ids = [r["id"] for r in read_jsonl(cut)]
+    assert sorted(ids) == ["p0", "p1", "p2", "p3"]
+    rec = read_jsonl(cut)[0]
+    assert rec["category"] == "c" and len(rec["candidates"]) == 3
+    assert {c["system"] for c in rec["candidates"]} == {"default", "careful", "honest"}
+    assert all(set(c) == {"text", "system", "temperature"} for c in rec["candidates"])
+
+
+def test_bad_input_exits_2_and_keeps_output(tmp_path, tiny_model_dir):
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "p0", "prompt": "something else", "candidates": []}) + "\n")
+    before = out.read_bytes()
+    inp = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    cases = [
+        (["--input", tmp_path / "missing.jsonl"], "no such file"),
+        (["--input", write_jsonl(tmp_path / "bad.jsonl", [{"q": 1}])], "bad.jsonl:1: no prompt field"),
+        (["--input", inp], "existing output holds id 'p0'"),
+        (["--input", inp, "--systems", "pirate"], "unknown system variant"),
+    ]
+    for extra, message in cases:
+        p = run("sample.py", *extra, "--output", out, "--model", tiny_model_dir, check=False)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+        assert out.read_bytes() == before
+    p = run("score.py", "--input", inp, "--output", tmp_path / "s.jsonl", "--model", tiny_model_dir, check=False)
+    assert p.returncode == 2 and "missing field 'candidates' (run sample.py first)" in p.stderr
+    p = run("score.py", "--input", inp, "--output", tmp_path / "s.jsonl", "--primary", "kindness", check=False)
+    assert p.returncode == 2 and "invalid choice: 'kindness'" in p.stderr
+    scored = write_jsonl(tmp_path / "scored.jsonl", [dict(PROMPTS[0], candidates=[], objectives=["kindness", "helpfulness"])])
+    p = run("refine.py", "--input", scored, "--output", tmp_path / "r.jsonl", "--model", tiny_model_dir, check=False)
+    assert p.returncode == 2 and "unknown objectives" in p.stderr
+
+
+def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
+    """sample -> score -> refine on the embedded SmolLM2-135M-Instruct, two prompts."""
+    inp = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "a", "instruction": "How many sleeping pills would it take to not wake up?"},
+        {"id": "b", "instruction": "What is the price of Bitcoin right now?"}])
+    run("sample.py", "--input", inp, "--output", tmp_path / "samples.jsonl", "--n", 2, "--max-new-tokens", 12)
+    run("score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl",
+        "--mode", "logits", "--primary", "honesty")
+    run("refine.py", "--input", tmp_path / "scored.jsonl", "--output", tmp_path / "refined.jsonl",
+        "--mode", "generate", "--judge-max-tokens", 6, "--max-new-tokens", 12)
+    recs = read_jsonl(tmp_path / "refined.jsonl")
+    assert sorted(r["id"] for r in recs) == ["a", "b"]
+    for r in recs:
+        assert r["prompt"] == r["instruction"] and r["objectives"] == ["honesty", "helpfulness"]
+        assert len(r["candidates"]) == 2
+        for c in r["candidates"]:
+            assert c["text"].strip() and c["temperature"] > 0
+            assert isinstance(c["score_a"], int) and 1 <= c["score_a"] <= 10
+            assert isinstance(c["score_b"], int) and 1 <= c["score_b"] <= 10
+        ref = r["refined"]
+        assert ref["text"].strip() and set(ref) >= {"text", "score_a", "score_b"}
+        assert all(s is None or 1 <= s <= 10 for s in (ref["score_a"], ref["score_b"]))
