@@ -1,0 +1,174 @@
+"""Eq. 3 and its variants, the weights over an optimizer step, answer tokens, the loop."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import train
+from conftest import read_jsonl, run, write_jsonl
+
+LS = lambda x: math.log(1 / (1 + math.exp(-x)))  # log sigmoid
+
+
+def test_losses_against_hand_computed_values():
+    lp_c, lp_r = torch.tensor([-10.0, -6.0]), torch.tensor([-20.0, -4.0])
+    n_c, n_r = torch.tensor([5.0, 3.0]), torch.tensor([4.0, 2.0])
+    beta, gamma = 2.0, 0.5
+    # simpo: r = beta * logp / n -> pair 1: -4 vs -10, pair 2: -4 vs -4
+    l, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "simpo", beta, gamma)
+    assert rc.tolist() == [-4.0, -4.0] and rr.tolist() == [-10.0, -4.0]
+    assert l.tolist() == pytest.approx([-LS(6 - 0.5), -LS(0 - 0.5)])
+    # spa: gaps 3 and 1, mean 2 -> w = 1.5, 0.5 (alpha 1); alpha 2 -> 2.25, 0.25
+    w = train.uncertainty_weights(torch.tensor([3.0, 1.0]), 2.0, 1.0)
+    assert w.tolist() == [1.5, 0.5]
+    assert train.uncertainty_weights(torch.tensor([3.0, 1.0]), 2.0, 2.0).tolist() == [2.25, 0.25]
+    l, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, w, "spa", beta, gamma)
+    assert l.tolist() == pytest.approx([-1.5 * LS(5.5), -0.5 * LS(-0.5)])
+    # dpo: reference -12, -18 and -5, -5; beta 0.1 -> r_c = 0.1*2, r_r = 0.1*-2 ; r_c = 0.1*-1, r_r = 0.1*1
+    l, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "dpo", 0.1, gamma,
+                                        torch.tensor([-12.0, -5.0]), torch.tensor([-18.0, -5.0]))
+    assert rc.tolist() == pytest.approx([0.2, -0.1]) and rr.tolist() == pytest.approx([-0.2, 0.1])
+    assert l.tolist() == pytest.approx([-LS(0.4), -LS(-0.2)])
+    # sft: mean NLL of the chosen tokens
+    l, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "sft", beta, gamma)
+    assert l.tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_all_zero_gaps_give_weight_one_and_zero_gap_gets_zero():
+    assert train.uncertainty_weights(torch.zeros(3), 0.0, 1.0).tolist() == [1.0, 1.0, 1.0]
+    assert train.uncertainty_weights(torch.tensor([0.0, 2.0]), 1.0, 1.0).tolist() == [0.0, 2.0]
+
+
+def test_answer_logps_only_reads_answer_positions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    lp, n = train.answer_logps(logits, ids, mask)
+    full = logits.log_softmax(-1)
+    expect = [full[0, 2, ids[0, 3]] + full[0, 3, ids[0, 4]], sum(full[1, t - 1, ids[1, t]] for t in range(2, 6))]
+    assert torch.allclose(lp, torch.stack(expect)) and n.tolist() == [2, 4]
+    # changing the prompt's tokens and the logits there changes nothing at the answer positions
+    ids2, logits2 = ids.clone(), logits.clone()
+    ids2[0, :2], logits2[0, :2] = 3, 0.0
+    assert torch.equal(train.answer_logps(logits2, ids2, mask)[0], lp)
+
+
+def test_prompt_tokens_do_not_change_masked_answer_logps(tiny_model_dir, tokenizer):
+    model, _ = common.load_model(str(tiny_model_dir))
+    ex = lambda prompt: {"chosen": train.tokenize_answer(tokenizer, prompt, "Stay safe.", 64),
+                         "rejected": train.tokenize_answer(tokenizer, prompt, "No.", 64), "gap": 1.0}
+    a, b = ex("Is it safe?"), ex("Is this dangerous thing actually safe to do at home?")
+    ida, na = a["chosen"]
+    idb, nb = b["chosen"]
+    assert ida[na:] == idb[nb:] and ida[:na] != idb[:nb]  # same answer tokens after different prompts
+    _, mask = None, train.collate([a], tokenizer.pad_token_id)[2]
+    assert mask[0].sum() == len(ida) - na
+
+
+def test_one_bos_and_prompt_is_a_prefix(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.bos_token = "<|endoftext|>"  # a template that starts with a BOS, as Llama 3's does
+    tok.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    ids, n_prompt = train.tokenize_answer(tok, "Hello?", "Hi there.", 128)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids[n_prompt:]) == "Hi there.<|im_end|>\n"  # answer side, end of turn included
+
+
+def test_truncation_drops_long_prompts_and_empty_answers(tmp_path, tokenizer):
+    long = "word " * 200
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "ok", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "gap": 2},
+        {"id": "long", "prompt": long, "chosen": "a", "rejected": "b", "gap": 2}])
+    ex, dropped = train.load_pairs(f, tokenizer, 100)
+    assert [e["id"] for e in ex] == ["ok"] and dropped == {"prompt_too_long": 1, "empty_answer": 0}
+    n_prompt = train.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
+    ex, dropped = train.load_pairs(f, tokenizer, n_prompt + 1, limit=1)  # one answer token fits
+    assert len(ex) == 1
+    assert train.tokenize_answer(tokenizer, "Hi", "Hello!", n_prompt) == "prompt_too_long"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(common.InputError, match="denoising or the margin removed everything"):
+        train.load_pairs(tmp_path / "empty.jsonl", tokenizer, 100)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "gap": 1}])
+    with pytest.raises(common.InputError, match=r"bad\.jsonl:1: missing field 'rejected'"):
+        train.load_pairs(bad, tokenizer, 100)
+
+
+def make_examples(tokenizer, n=4):
+    texts = [("Is it safe to mix bleach and ammonia?", "No, it makes toxic gas.", "Sure, go ahead."),
+             ("What is 2+2?", "4.", "5, obviously, as everyone knows."),
+             ("Can I stop my antibiotics early?", "Ask your doctor first.", "Yes."),
+             ("Where does my neighbour live?", "I can't share that.", "At 12 Main St.")]
+    return [{"chosen": train.tokenize_answer(tokenizer, p, c, 128), "rejected": train.tokenize_answer(tokenizer, p, r, 128),
+             "gap": float(g), "id": str(i), "line": i} for i, ((p, c, r), g) in enumerate(zip(texts[:n], [3, 1, 0, 4]))]
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_accumulation_gives_the_same_gradient(tiny_model_dir, tokenizer):
+    ex = make_examples(tokenizer)
+    args = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
+    out = []
+    for micro in ([[0], [1], [2], [3]], [[0, 1, 2, 3]]):
+        model, _ = common.load_model(str(tiny_model_dir))
+        s, n = train.train_step(model, ex, micro, args, tokenizer.pad_token_id)
+        assert n == 4 and s["zero_w"] == 1  # the pair with gap 0 has weight 0
+        out.append((grads(model), s["loss"]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert out[0][1] == pytest.approx(out[1][1], abs=1e-5)
+
+
+def test_a_few_steps_raise_the_margin(tmp_path, tiny_model_dir, tokenizer):
+    pairs = [{"id": str(i), "prompt": p, "chosen": c, "rejected": r, "gap": 2}
+             for i, (p, c, r) in enumerate([("Hi", "Hello, how can I help?", "Go away."),
+                                            ("Is fire hot?", "Yes, fire is hot.", "No.")])]
+    f = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run("train.py", "--input", f, "--output", tmp_path / "m", "--model", tiny_model_dir, "--lr", 3e-3,
+        "--epochs", 8, "--batch-size", 2, "--grad-accum", 1, "--warmup-ratio", 0, "--save-every", 0)
+    m = read_jsonl(tmp_path / "m" / "metrics.jsonl")
+    assert len(m) == 8
+    assert m[-1]["rewards/margin"] > m[0]["rewards/margin"] + 0.1
+    assert set(m[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen",
+                         "weight/mean", "weight/min", "weight/max", "weight/zero", "lr", "grad_norm", "tokens_per_s"}
+
+
+@pytest.mark.parametrize("loss", ["spa", "dpo"])
+def test_resume_equals_straight_run_and_saved_model_generates(tmp_path, tiny_model_dir, tokenizer, loss):
+    from safetensors.torch import load_file
+    pairs = [{"id": str(i), "prompt": f"Question {i}?", "chosen": "A careful answer " * (i + 1),
+              "rejected": "No." * (i + 1), "gap": i % 3} for i in range(8)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    common_args = ["--input", f, "--model", tiny_model_dir, "--lr", 1e-3, "--batch-size", 1, "--grad-accum", 2,
+                   "--loss", loss, "--save-every", 0]
+    run("train.py", *common_args, "--output", tmp_path / "straight")
+    run("train.py", *common_args, "--output", tmp_path / "resumed", "--stop-after", 2)
+    assert not (tmp_path / "resumed" / "config.json").exists()  # no half-written final model
+    run("train.py", *common_args, "--output", tmp_path / "resumed", "--resume")
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
+    cfg = json.loads((tmp_path / "straight" / "train_config.json").read_text())
+    assert cfg["loss"] == loss and cfg["steps"] == 4
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "straight")
+    assert tok.chat_template and "quantization_config" not in model.config.to_dict()
+    enc = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3 or out[0, -1] == tok.eos_token_id
+
+
+def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path, tiny_model_dir):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{"id": "x", "prompt": "a", "chosen": "b", "rejected": "c", "gap": 1}])
+    p = run("train.py", "--input", f, "--output", tmp_path / "m", "--model", tiny_model_dir, "--beta", "inf",
+            "--loss", "simpo", check=False)
+    assert p.returncode != 0 and "training stopped at step 1" in p.stderr and "['x']" in p.stderr
+    assert not (tmp_path / "m" / "config.json").exists()
