@@ -306,12 +306,26 @@ class InverseCdfSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
 
 
+def prefilled_cache(model, enc, num_return, max_new_tokens):
+    """Run each prompt (all but its last token) through the model once and copy its keys and
+    values num_return times into a static cache, so the samples of one prompt share one
+    prefill. On the CPU a chat prompt costs about as much as a 64-token answer (measured)."""
+    from transformers import StaticCache
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
+    for layer, done in zip(cache.layers, prefix.past_key_values.layers):
+        layer.update(done.keys.repeat_interleave(num_return, 0), done.values.repeat_interleave(num_return, 0))
+    return cache
+
+
 @torch.no_grad()
 def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_p=1.0, num_return=1,
              batch_size=8, seed=0, stats=None):
-    """Answer each conversation num_return times with plain `model.generate` (static KV
-    cache). Prompts are sorted by length, left-padded and sent batch_size at a time (times
-    num_return rows); call k is seeded with seed + k so a run is reproducible.
+    """Answer each conversation num_return times with plain `model.generate` and its KV
+    cache (static, prefilled once per prompt). Prompts are sorted by length, left-padded and
+    sent batch_size at a time (times num_return rows); call k is seeded with seed + k.
     temperature: one float, or one per conversation (0 = greedy).
     Returns a list (input order) of lists of num_return strings. If `stats` is a dict, its
     'tokens' entry counts the generated tokens (up to and including end of turn)."""
@@ -320,17 +334,20 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
     texts = [chat_text(tok, c) for c in conversations]
     temps = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
     out = [None] * len(texts)
     for k, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        rows = {key: v.repeat_interleave(num_return, 0).to(model.device) for key, v in enc.items()}
+        enc = {key: v.to(model.device) for key, v in enc.items()}
+        rows = {key: v.repeat_interleave(num_return, 0) for key, v in enc.items()}
         t = torch.tensor([temps[i] for i in idx], dtype=torch.float32).repeat_interleave(num_return)
         sampler = InverseCdfSampler(t, top_p, torch.Generator().manual_seed(seed + k))
         with autocast():
-            seqs = model.generate(**rows, generation_config=cfg, logits_processor=LogitsProcessorList([sampler]))
+            cache = prefilled_cache(model, enc, num_return, max_new_tokens)
+            seqs = model.generate(**rows, past_key_values=cache, generation_config=cfg,
+                                  logits_processor=LogitsProcessorList([sampler]))
         new = seqs[:, enc["input_ids"].shape[1]:]
         if stats is not None:
             stats["tokens"] = stats.get("tokens", 0) + count_new_tokens(new, tok.eos_token_id)

@@ -80,7 +80,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
             logits = model(**batch, position_ids=pos).logits.float()
         first = logits[:, -2 if two else -1].log_softmax(-1)
         p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
-        p10 = torch.zeros_like(p[:, 0])
+        p10 = first[:, ids[9][0]].exp()  # '10' as one token (Llama 3), else replaced below
         if two:
             q0 = logits[:, -1].log_softmax(-1)[:, ids[9][1]].exp()  # P('0' | '1')
             p10 = p[:, 0] * q0

@@ -61,17 +61,19 @@ def preference_losses(logp_c, logp_r, n_c, n_r, weights, loss, beta, gamma, ref_
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def answer_logps(logits, input_ids, answer_mask):
+def answer_logps(hidden, lm_head, input_ids, answer_mask):
     """Summed log-probabilities of the answer tokens, and their counts.
-    logits: (B, T, V) in the model's dtype; input_ids: (B, T); answer_mask: (B, T), True where
-    the token is an answer token. Only answer positions are taken to float32; the log-softmax
-    of the whole batch is never materialised. Returns (logp (B,), n_tokens (B,))."""
+    hidden: (B, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
+    input_ids: (B, T); answer_mask: (B, T), True where the token is an answer token.
+    The projection runs only at the N positions that predict an answer token, and only those
+    logits go to float32: no (B, T, V) logits and no log-softmax over the whole batch.
+    Returns (logp (B,), n_tokens (B,))."""
     mask = answer_mask[:, 1:]                       # token t is predicted at position t - 1
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]
-    picked = logits[:, :-1][mask].float()           # (N, V): answer positions only
+    logits = lm_head(hidden[:, :-1][mask]).float()  # (N, V): answer positions only
     targets = input_ids[:, 1:][mask]
-    lp = picked.gather(-1, targets[:, None]).squeeze(-1) - picked.logsumexp(-1)
-    total = torch.zeros(len(input_ids), device=logits.device).index_add(0, rows, lp)
+    lp = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    total = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, lp)
     return total, mask.sum(1)
 
 
@@ -156,8 +158,8 @@ def sequence_logps(model, examples, pad_id):
     """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
     input_ids, attn, answer = (t.to(common.device()) for t in collate(examples, pad_id))
     with common.autocast():
-        logits = model(input_ids=input_ids, attention_mask=attn).logits
-    logp, n = answer_logps(logits, input_ids, answer)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn).last_hidden_state
+        logp, n = answer_logps(hidden, model.get_output_embeddings(), input_ids, answer)
     B = len(examples)
     return logp[:B], logp[B:], n[:B], n[B:]
 

@@ -38,3 +38,17 @@ def test_logits_mode_batching_does_not_change_scores(tiny_model_dir):
     import torch
     assert torch.allclose(score.rating_distribution(model, tok, convs, 4),
                           score.rating_distribution(model, tok, convs, 1), atol=1e-5)
+
+
+def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer):
+    """With a tokenizer that has '10' as one token, P(10) is read from the same position."""
+    import torch
+    model, tok = common.load_for_inference(str(tiny_model_dir))
+    tok.add_tokens(["10"])
+    model.resize_token_embeddings(len(tok))
+    ten = tok.convert_tokens_to_ids("10")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[ten] = model.get_output_embeddings().weight[ten] * 0 + 1.0
+    assert score.rating_token_ids(tok)[9] == [ten]
+    probs = score.rating_distribution(model, tok, [score.judge_conversation("honesty", "q", "a")])
+    assert probs[0, 9] > 0 and abs(float(probs.sum()) - 1) < 1e-5

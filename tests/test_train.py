@@ -48,14 +48,25 @@ def test_answer_logps_only_reads_answer_positions():
     logits = torch.randn(2, 6, 11)
     ids = torch.randint(0, 11, (2, 6))
     mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    lp, n = train.answer_logps(logits, ids, mask)
+    lp, n = train.answer_logps(logits, torch.nn.Identity(), ids, mask)
     full = logits.log_softmax(-1)
     expect = [full[0, 2, ids[0, 3]] + full[0, 3, ids[0, 4]], sum(full[1, t - 1, ids[1, t]] for t in range(2, 6))]
     assert torch.allclose(lp, torch.stack(expect)) and n.tolist() == [2, 4]
     # changing the prompt's tokens and the logits there changes nothing at the answer positions
     ids2, logits2 = ids.clone(), logits.clone()
     ids2[0, :2], logits2[0, :2] = 3, 0.0
-    assert torch.equal(train.answer_logps(logits2, ids2, mask)[0], lp)
+    assert torch.equal(train.answer_logps(logits2, torch.nn.Identity(), ids2, mask)[0], lp)
+
+
+def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
+    """The projection at answer positions only gives the log-probs of a plain full forward."""
+    model, _ = common.load_model(str(tiny_model_dir))
+    ex = make_examples(tokenizer, 2)
+    lp_c, lp_r, n_c, _ = train.sequence_logps(model, ex, tokenizer.pad_token_id)
+    ids, n_p = ex[0]["chosen"]
+    full = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expect = sum(full[t - 1, ids[t]] for t in range(n_p, len(ids)))
+    assert torch.allclose(lp_c[0], expect, atol=1e-4) and n_c[0] == len(ids) - n_p
 
 
 def test_prompt_tokens_do_not_change_masked_answer_logps(tiny_model_dir, tokenizer):

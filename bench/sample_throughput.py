@@ -1,0 +1,68 @@
+"""Generation throughput of sample.py's path against one `generate` call per prompt and sample.
+
+Same model, prompts and answer length; prints tokens per second (generated tokens up to and
+including end of turn, divided by wall time). Measures, never asserts.
+
+    python bench/sample_throughput.py [--prompts 8] [--samples 4] [--new-tokens 64]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+
+def timed(fn):
+    t = time.time()
+    tokens = fn()
+    return tokens, time.time() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=common.DEFAULT_MODEL)
+    p.add_argument("--prompts", type=int, default=8, help="prompts in the small setting (default 8)")
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--new-tokens", type=int, default=64, help="max new tokens (default 64)")
+    p.add_argument("--large", type=int, default=32, help="prompts in the larger batch (default 32)")
+    p.add_argument("--single", type=int, default=8, help="(prompt, sample) calls timed one at a time (default 8)")
+    args = p.parse_args()
+    model, tok = common.load_for_inference(args.model)
+    prompts = [json.loads(l)["prompt"] for l in open(Path(common.__file__).parent / "data/train_prompts.jsonl")]
+    convs = [common.user_turn(q) for q in prompts]
+    print(f"device {common.device()}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, temperature 1.0")
+
+    def batched(n_prompts):
+        st = {}
+        common.generate(model, tok, convs[:n_prompts], max_new_tokens=args.new_tokens, temperature=1.0,
+                        num_return=args.samples, batch_size=n_prompts, stats=st)
+        return st["tokens"]
+
+    def one_at_a_time():
+        from transformers import GenerationConfig
+        tok.padding_side = "left"
+        cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=None,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        total = 0
+        for k in range(args.single):
+            enc = tok(common.chat_text(tok, convs[k % args.prompts]), return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc.to(model.device), generation_config=cfg)
+            total += common.count_new_tokens(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
+        return total
+
+    batched(2)  # warm-up
+    rows = [(f"sample.py path, {args.prompts} prompts x {args.samples} samples, one call", *timed(lambda: batched(args.prompts))),
+            (f"sample.py path, {args.large} prompts x {args.samples} samples, one call", *timed(lambda: batched(args.large))),
+            (f"plain generate, one call per prompt and sample ({args.single} calls)", *timed(one_at_a_time))]
+    for name, tokens, dt in rows:
+        print(f"{name:70s} {tokens:6d} tokens {dt:7.1f} s {tokens / dt:8.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

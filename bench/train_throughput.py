@@ -1,0 +1,97 @@
+"""Training throughput of train.py's step: pairs/s, tokens/s, peak memory, and achieved FLOP/s
+as a fraction of a float32 matrix-multiply peak measured in the same run.
+
+16 pairs whose answers are 100-250 tokens, on the default model, micro-batch 4 x accumulation
+2, gradient checkpointing on (flags change these). Model FLOPs count 6 x parameters per
+trained token (forward + backward), not the recomputation of checkpointing. Measures, never
+asserts.
+
+    python bench/train_throughput.py [--pairs 16] [--batch-size 4] [--grad-accum 2]
+"""
+import argparse
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import train  # noqa: E402
+
+
+def matmul_peak(n=2048, reps=10):
+    """float32 FLOP/s of an n x n matrix product on this device."""
+    a, b = torch.randn(n, n, device=common.device()), torch.randn(n, n, device=common.device())
+    for _ in range(3):
+        a @ b
+    t = time.time()
+    for _ in range(reps):
+        a @ b
+    if common.device().type == "cuda":
+        torch.cuda.synchronize()
+    return reps * 2 * n ** 3 / (time.time() - t)
+
+
+def synthetic_pairs(tok, n, seed=0):
+    rng = random.Random(seed)
+    words = open(Path(common.__file__).parent / "prompts/constitution.txt").read().split()
+    text = lambda k: " ".join(rng.choice(words) for _ in range(k))
+    out = []
+    for i in range(n):
+        prompt = text(20) + "?"
+        sides = []
+        for _ in range(2):
+            target, k = rng.randint(100, 250), 60
+            while len(tok(text(k), add_special_tokens=False)["input_ids"]) < target:
+                k += 10
+            sides.append(train.tokenize_answer(tok, prompt, text(k), 1024))
+        out.append({"chosen": sides[0], "rejected": sides[1], "gap": float(rng.randint(0, 6)), "id": str(i), "line": i})
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=common.DEFAULT_MODEL)
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args()
+    peak = matmul_peak()
+    model, tok = common.load_model(args.model)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    examples = synthetic_pairs(tok, args.pairs)
+    plan = train.make_plan(examples, args.batch_size, args.grad_accum, 1, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
+    n_params = sum(p.numel() for p in model.parameters())
+    train.train_step(model, examples, plan[0][:1], hp, tok.pad_token_id)  # warm-up, not counted
+    opt.zero_grad(set_to_none=True)
+    t, pairs, tokens = time.time(), 0, 0
+    for step in plan:
+        s, n = train.train_step(model, examples, step, hp, tok.pad_token_id)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pairs += n
+        tokens += sum(len(examples[i][k][0]) for mb in step for i in mb for k in ("chosen", "rejected"))
+    dt = time.time() - t
+    flops = 6 * n_params * tokens / dt
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"device {common.device()}, {args.pairs} pairs, micro-batch {args.batch_size} x accumulation "
+          f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32")
+    print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
+    print(f"peak memory (max RSS) {rss:.2f} GiB"
+          + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""))
+    print(f"achieved {flops / 1e9:.1f} GFLOP/s of a measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"= {100 * flops / peak:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

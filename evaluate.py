@@ -1,0 +1,298 @@
+"""LLM-as-a-judge evaluation: scores, HH_lambda and pairwise win rates, as in the paper's tables.
+
+Answers the evaluation prompts with the model under test and, with --baseline, with the
+model before SPA (greedy by default); a judge scores every answer 1..10 on the primary
+objective and on helpfulness, and compares model and baseline in both orders (a win only
+when both orders agree, otherwise a tie).
+
+    HH_lambda = (lambda * primary + helpfulness) / (lambda + 1),   lambda in 5, 10, 20
+
+The judge is a local model (--judge, default the embedded one) or an OpenAI-compatible
+chat-completions endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_KEY).
+
+    python evaluate.py --input data/eval_prompts.jsonl --model runs/x/model --baseline SmolLM2-135M-Instruct \
+        --output runs/x/eval
+
+Writes responses.jsonl, judgments.jsonl, report.md and report.json; resumes after a crash.
+"""
+import argparse
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+import score
+
+LAMBDAS = (5, 10, 20)
+WINNER = re.compile(r"winner\s*[:=]?\s*\**\s*([AB])\b", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+def hh(primary, helpfulness, lam):
+    """HH_lambda: the primary objective weighted lambda times helpfulness."""
+    return (lam * primary + helpfulness) / (lam + 1)
+
+
+def bootstrap_ci(values, n=2000, seed=0):
+    """95% percentile bootstrap interval of the mean; (nan, nan) for no values."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(v, size=(n, len(v))).mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def pairwise_outcome(model_first, model_second):
+    """Agreement rule. model_first: the verdict with the model's answer as A; model_second:
+    with the model's answer as B. 'win' only if both pick the model, 'lose' only if both
+    pick the baseline, otherwise 'tie' (including unreadable verdicts)."""
+    if model_first == "A" and model_second == "B":
+        return "win"
+    if model_first == "B" and model_second == "A":
+        return "lose"
+    return "tie"
+
+
+def parse_verdict(text):
+    """'A' or 'B' from 'Winner: A' (the last one) or a reply that is only the letter; else None."""
+    if text.strip().strip("*.").upper() in ("A", "B"):
+        return text.strip().strip("*.").upper()
+    found = WINNER.findall(text)
+    return found[-1].upper() if found else None
+
+
+def summarize(judged):
+    """Metrics of one model from its judgement records [{score_a, score_b}]: means, HH_lambda
+    (over answers with both scores) and their 95% bootstrap intervals."""
+    a = [j["score_a"] for j in judged if j["score_a"] is not None]
+    b = [j["score_b"] for j in judged if j["score_b"] is not None]
+    both = [(j["score_a"], j["score_b"]) for j in judged if None not in (j["score_a"], j["score_b"])]
+    out = {"n": len(judged), "unreadable": 2 * len(judged) - len(a) - len(b),
+           "primary": float(np.mean(a)) if a else float("nan"), "primary_ci": bootstrap_ci(a),
+           "helpfulness": float(np.mean(b)) if b else float("nan"), "helpfulness_ci": bootstrap_ci(b)}
+    for lam in LAMBDAS:
+        vals = [hh(x, y, lam) for x, y in both]
+        out[f"hh{lam}"] = float(np.mean(vals)) if vals else float("nan")
+        out[f"hh{lam}_ci"] = bootstrap_ci(vals)
+    return out
+
+
+def win_rates(outcomes):
+    n = len(outcomes)
+    rates = {k: sum(o == k for o in outcomes) / n if n else float("nan") for k in ("win", "tie", "lose")}
+    rates["win_ci"] = bootstrap_ci([o == "win" for o in outcomes])
+    return rates
+
+
+# ----------------------------------------------------------------------------- judges
+
+def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
+    """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only.
+    Retries connection errors, timeouts, 429 and 5xx with exponential back-off."""
+    url = api_base.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
+    last = None
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+                return json.load(r)["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise common.InputError(f"judge endpoint {url}: HTTP {e.code} {e.reason}") from None
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            last = str(getattr(e, "reason", e))
+        except (KeyError, IndexError, json.JSONDecodeError):
+            last = "a reply not in the chat-completions format"
+        time.sleep(backoff * 2 ** attempt)
+    raise common.InputError(f"judge endpoint {url} failed after {retries} tries: {last}")
+
+
+class Judge:
+    """Scores and pairwise verdicts from a local model or an HTTP endpoint."""
+
+    def __init__(self, args):
+        self.args = args
+        self.http = bool(args.judge_api_base)
+        if not self.http:
+            self.model, self.tok = common.load_for_inference(args.judge)
+
+    def _ask(self, conversations, parse):
+        """Replies parsed; over HTTP an unreadable reply is asked once more, then None."""
+        if not self.http:
+            texts = common.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
+                                    batch_size=self.args.judge_batch_size)
+            return [parse(t[0]) for t in texts]
+        out = []
+        for conv in conversations:
+            v = parse(chat_completion(self.args.judge_api_base, self.args.judge_model, conv, backoff=self.args.backoff))
+            if v is None:
+                v = parse(chat_completion(self.args.judge_api_base, self.args.judge_model, conv, backoff=self.args.backoff))
+            out.append(v)
+        return out
+
+    def scores(self, items, objective):
+        if not self.http and self.args.mode != "generate":
+            return [s["score"] for s in score.score_answers(self.model, self.tok, items, objective, self.args.mode,
+                                                            self.args.judge_batch_size)]
+        return self._ask([score.judge_conversation(objective, q, a) for q, a in items], score.parse_rating)
+
+    def verdicts(self, triples, objective):
+        """triples: (prompt, answer A, answer B) -> 'A', 'B' or None."""
+        text = lambda q, x, y: common.load_prompt("pairwise.txt").format(
+            constitution=common.load_prompt("constitution.txt").strip(), prompt=q, answer_a=x, answer_b=y,
+            objective=objective)
+        return self._ask([common.user_turn(text(*t)) for t in triples], parse_verdict)
+
+
+# ----------------------------------------------------------------------------- stages of the evaluation
+
+def generate_responses(path, prompts, models, args):
+    """responses.jsonl: one record per (model, prompt), id 'model/prompt id'."""
+    wanted = [dict(p, id=f"{name}/{p['id']}", prompt_id=p["id"], model=name) for name, _ in models for p in prompts]
+    with common.ResumableWriter(path, wanted, args.overwrite) as out:
+        for name, model_path in models:
+            todo = [w for w in wanted if w["model"] == name and w["id"] not in out.done]
+            if not todo:
+                continue
+            model, tok = common.load_for_inference(model_path)
+            for _, batch in tqdm(list(common.pending_batches(todo, out.done, args.batch_size)), desc=f"answer {name}"):
+                texts = common.generate(model, tok, [common.user_turn(r["prompt"]) for r in batch],
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        batch_size=len(batch), seed=args.seed)
+                out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
+            del model
+    return {r["id"]: r for r in (rec for _, rec in common.read_jsonl(path))}
+
+
+def judge_all(path, responses, models, args):
+    """judgments.jsonl: scores per response (id 'model/prompt id'), then pairwise verdicts
+    (id 'pairwise/prompt id') when there is a baseline."""
+    obj = args.primary
+    wanted = [dict(r, kind="score") for r in responses.values()]
+    names = [n for n, _ in models]
+    if len(models) == 2:
+        base, test = names
+        wanted += [{"id": f"pairwise/{pid}", "prompt": responses[f"{test}/{pid}"]["prompt"], "prompt_id": pid,
+                    "kind": "pairwise", "category": responses[f"{test}/{pid}"].get("category")}
+                   for pid in sorted({r["prompt_id"] for r in responses.values()})]
+    with common.ResumableWriter(path, wanted, args.overwrite) as out:
+        todo = [w for w in wanted if w["id"] not in out.done]
+        judge = Judge(args) if todo else None
+        for _, batch in tqdm(list(common.pending_batches(todo, out.done, args.batch_size)), desc="judge"):
+            done = []
+            for kind in ("score", "pairwise"):
+                part = [w for w in batch if w["kind"] == kind and w["id"] not in out.done]
+                if not part:
+                    continue
+                if kind == "score":
+                    items = [(w["prompt"], w["response"]) for w in part]
+                    a, b = judge.scores(items, obj), judge.scores(items, "helpfulness")
+                    done += [{"id": w["id"], "prompt": w["prompt"], "kind": kind, "model": w["model"],
+                              "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x, "score_b": y}
+                             for w, x, y in zip(part, a, b)]
+                else:
+                    ans = lambda w, n: responses[f"{n}/{w['prompt_id']}"]["response"]
+                    first = judge.verdicts([(w["prompt"], ans(w, test), ans(w, base)) for w in part], obj)
+                    second = judge.verdicts([(w["prompt"], ans(w, base), ans(w, test)) for w in part], obj)
+                    done += [dict(w, model_first=f, model_second=s, outcome=pairwise_outcome(f, s))
+                             for w, f, s in zip(part, first, second)]
+            out.write(done)
+    return [rec for _, rec in common.read_jsonl(path)]
+
+
+def build_report(judgments, names, primary):
+    """report.json content: per model (and per category) metrics, and win rates of the
+    model under test against the baseline."""
+    scores = [j for j in judgments if j["kind"] == "score"]
+    pair = [j for j in judgments if j["kind"] == "pairwise"]
+    cats = sorted({j["category"] for j in scores if j.get("category")})
+    report = {"primary": primary, "models": {}, "categories": {}}
+    for n in names:
+        report["models"][n] = summarize([j for j in scores if j["model"] == n])
+        for c in cats:
+            report["categories"].setdefault(c, {})[n] = summarize(
+                [j for j in scores if j["model"] == n and j.get("category") == c])
+    if pair:
+        report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair])}
+        for c in cats:
+            report["categories"][c]["pairwise"] = win_rates([p["outcome"] for p in pair if p.get("category") == c])
+    return report
+
+
+def report_markdown(report, names):
+    """A table in the paper's style: one row per model, the baseline (Vanilla) first."""
+    ci = lambda m, k: f"{m[k]:.2f} [{m[k + '_ci'][0]:.2f}, {m[k + '_ci'][1]:.2f}]"
+    head = (f"| Model | {report['primary'].capitalize()} | Helpfulness | "
+            + " | ".join(f"HH_{lam}" for lam in LAMBDAS) + " | Win | Tie | Lose |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    pw = report.get("pairwise")
+    for n in names:
+        m = report["models"][n]
+        wtl = (f"{pw['win']:.0%} | {pw['tie']:.0%} | {pw['lose']:.0%}" if pw and n == pw["model"] else "- | - | -")
+        lines.append(f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
+                     + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS) + f" | {wtl} |")
+    if report["categories"]:
+        lines += ["", f"| Category | Model | {report['primary'].capitalize()} | Helpfulness | HH_10 | Win | Tie | Lose |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c, per in report["categories"].items():
+            for n in names:
+                m, p = per[n], per.get("pairwise")
+                wtl = f"{p['win']:.0%} | {p['tie']:.0%} | {p['lose']:.0%}" if p and pw and n == pw["model"] else "- | - | -"
+                lines.append(f"| {c} | {n} | {m['primary']:.2f} | {m['helpfulness']:.2f} | {m['hh10']:.2f} | {wtl} |")
+    n_unread = sum(report["models"][n]["unreadable"] for n in names)
+    lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge replies could not be read (left out)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="evaluation prompts (JSONL, as for sample.py)")
+    p.add_argument("--output", required=True, help="evaluation directory")
+    p.add_argument("--model", required=True, help="the model under test")
+    p.add_argument("--name", default=None, help="its name in the report (default: the directory's name)")
+    p.add_argument("--baseline", default=None, help="the model to compare against, e.g. the model before SPA")
+    p.add_argument("--baseline-name", default="Vanilla", help="its name in the report (default Vanilla)")
+    p.add_argument("--judge", default=common.DEFAULT_MODEL, help="local judge model (default: the embedded one)")
+    p.add_argument("--judge-api-base", default=None, help="OpenAI-compatible API base URL, e.g. http://host/v1")
+    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (default 1)")
+    score.add_judge_args(p)
+    p.add_argument("--prompt-field", default=None, help="field holding the prompt (default: prompt/instruction/question)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    args = p.parse_args()
+
+    prompts = common.read_prompts(args.input, args.prompt_field, args.limit)
+    for m in filter(None, [args.model, args.baseline]):
+        common.resolve_model(m)  # a missing directory fails here, before any work
+    name = args.name or Path(args.model.rstrip("/")).name
+    models = ([(args.baseline_name, args.baseline)] if args.baseline else []) + [(name, args.model)]
+    if len({n for n, _ in models}) < len(models):
+        raise common.InputError(f"--name {name!r} equals --baseline-name; give them different names")
+    out = Path(args.output)
+    responses = generate_responses(out / "responses.jsonl", prompts, models, args)
+    judgments = judge_all(out / "judgments.jsonl", responses, models, args)
+    names = [n for n, _ in models]
+    report = build_report(judgments, names, args.primary)
+    common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    table = report_markdown(report, names)
+    common.write_atomic(out / "report.md", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

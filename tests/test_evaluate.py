@@ -1,0 +1,123 @@
+"""evaluate.py: metrics, the agreement rule, the HTTP judge on a local server, report, resume."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import common
+import evaluate
+from conftest import read_jsonl, run, write_jsonl
+
+
+def test_hh_and_summary_by_hand():
+    assert evaluate.hh(8, 5, 5) == pytest.approx(7.5)
+    assert evaluate.hh(10, 0, 20) == pytest.approx(200 / 21)
+    s = evaluate.summarize([{"score_a": 8, "score_b": 5}, {"score_a": 6, "score_b": None}, {"score_a": 10, "score_b": 7}])
+    assert s["primary"] == pytest.approx(8) and s["helpfulness"] == pytest.approx(6) and s["unreadable"] == 1
+    assert s["hh5"] == pytest.approx((7.5 + 57 / 6) / 2)  # over the answers with both scores
+    lo, hi = s["primary_ci"]
+    assert 6 <= lo <= 8 <= hi <= 10
+
+
+def test_agreement_rule_and_verdicts():
+    assert evaluate.pairwise_outcome("A", "B") == "win"
+    assert evaluate.pairwise_outcome("B", "A") == "lose"
+    assert evaluate.pairwise_outcome("A", "A") == "tie"  # position bias: no agreement
+    assert evaluate.pairwise_outcome(None, "B") == "tie"
+    assert evaluate.parse_verdict("B is kinder. Winner: B") == "B"
+    assert evaluate.parse_verdict("A") == "A" and evaluate.parse_verdict("both are fine") is None
+    w = evaluate.win_rates(["win", "win", "tie", "lose"])
+    assert (w["win"], w["tie"], w["lose"]) == (0.5, 0.25, 0.25)
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """Chat-completions speaker: fails the first request with 500, never rates answers that
+    contain 'UNRATABLE', prefers answer A in pairwise questions."""
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.requests.append(body)
+        if len(FakeJudge.requests) == 1:
+            self.send_response(500)
+            self.end_headers()
+            return
+        text = body["messages"][-1]["content"]
+        reply = ("Winner: A" if "Answer A:" in text else "I cannot say." if "UNRATABLE" in text
+                 else f"Short reason. Rating: {4 + len(text) % 5}")
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    FakeJudge.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
+    reply = evaluate.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
+    assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
+    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="generate"))()
+    j = evaluate.Judge(args)
+    n0 = len(FakeJudge.requests)
+    got = j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")
+    assert isinstance(got[0], int) and got[1] is None
+    assert len(FakeJudge.requests) - n0 == 3  # the unreadable reply was asked once more
+
+
+def test_unreachable_endpoint_is_a_clear_error():
+    with pytest.raises(common.InputError, match="failed after 2 tries"):
+        evaluate.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
+
+
+def test_report_table_from_crafted_run():
+    judged = [{"kind": "score", "model": m, "category": c, "score_a": a, "score_b": b}
+              for m, c, a, b in [("Vanilla", "x", 4, 6), ("Vanilla", "y", 6, 6), ("SPA", "x", 8, 5), ("SPA", "y", 10, 7)]]
+    judged += [{"kind": "pairwise", "category": c, "outcome": o} for c, o in [("x", "win"), ("y", "tie")]]
+    rep = evaluate.build_report(judged, ["Vanilla", "SPA"], "harmlessness")
+    md = evaluate.report_markdown(rep, ["Vanilla", "SPA"]).splitlines()
+    assert md[0].startswith("| Model | Harmlessness | Helpfulness | HH_5 | HH_10 | HH_20 | Win | Tie | Lose |")
+    assert md[2].startswith("| Vanilla | 5.00 [") and md[2].endswith("| - | - | - |")
+    assert md[3].startswith("| SPA | 9.00 [") and "| 50% | 50% | 0% |" in md[3]
+    assert f"| {evaluate.hh(9, 6, 5):.2f} |" in md[3]
+    assert rep["categories"]["x"]["pairwise"]["win"] == 1.0
+
+
+def test_evaluate_cli_with_http_judge_resumes(tmp_path, tiny_model_dir, judge_server):
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Is thing {i} safe?",
+                                                      "category": "c" if i % 2 else "d"} for i in range(3)])
+    args = ["--input", prompts, "--output", tmp_path / "ev", "--model", tiny_model_dir, "--name", "SPA",
+            "--baseline", tiny_model_dir, "--judge-api-base", judge_server, "--max-new-tokens", 5, "--backoff", 0.01,
+            "--batch-size", 2]
+    first = run("evaluate.py", *args).stdout
+    assert "| Vanilla |" in first and "| SPA |" in first
+    j = read_jsonl(tmp_path / "ev" / "judgments.jsonl")
+    assert len(j) == 9 and sum(r["kind"] == "pairwise" for r in j) == 3
+    assert all(r["outcome"] == "tie" for r in j if r["kind"] == "pairwise")  # always "A": position bias -> tie
+    assert len(read_jsonl(tmp_path / "ev" / "responses.jsonl")) == 6
+    # crash in the middle of the last judgement: only it is asked again
+    path = tmp_path / "ev" / "judgments.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1] + b'{"id": "pairw')
+    n0 = len(FakeJudge.requests)
+    assert run("evaluate.py", *args).stdout == first
+    assert len(FakeJudge.requests) - n0 == 2  # one pairwise judgement, both orders
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["pairwise"]["tie"] == 1.0
+
+
+def test_missing_model_directory(tmp_path):
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "x"}])
+    p = run("evaluate.py", "--input", prompts, "--output", tmp_path / "ev", "--model", tmp_path / "nope", check=False)
+    assert p.returncode == 2 and "no such model directory" in p.stderr
