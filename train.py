@@ -307,6 +307,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output)
+    common.return_freed_memory()
     common.seed_everything(args.seed)
     tok = common.load_tokenizer(args.model)
     examples, dropped = load_pairs(args.input, tok, args.max_length, args.limit)

@@ -60,6 +60,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
+    common.return_freed_memory()  # as train.py does
     peak = matmul_peak()
     model, tok = common.load_model(args.model)
     model.config.use_cache = False
