@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 RUN     ?= runs/demo
 ITER    ?= 1
 
-.PHONY: test demo bench clean-runs
+.PHONY: test demo ablations bench clean-runs
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	RUN=$(RUN) ITER=$(ITER) PY=$(PY) bash demo.sh
+
+ablations: $(STAMP)
+	RUN=$(RUN) PY=$(PY) bash demo.sh ablations
 
 bench: $(STAMP)
 	$(PY) bench/sample_throughput.py

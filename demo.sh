@@ -29,7 +29,7 @@ iteration() {  # $1 = iteration number
 
 train() {  # pairs, output, starting model, loss
   [ -f "$2/config.json" ] && { echo "train: $2 exists, skipped"; return; }
-  $PY train.py --input "$1" --output "$2" --model "$3" --loss "$4" --lr 5e-6 --batch-size 4 --grad-accum 2 \
+  $PY train.py --input "$1" --output "$2" --model "$3" --loss "$4" --lr 2e-5 --batch-size 4 --grad-accum 2 \
       --max-length 384 --save-every 5 $( [ -d "$2/checkpoint" ] && echo --resume )
 }
 

@@ -17,6 +17,7 @@ Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness
 refine.py and evaluate.py import score_answers() from here.
 """
 import argparse
+import copy
 import re
 
 import torch
@@ -58,31 +59,54 @@ def rating_token_ids(tok):
     return ids
 
 
+def common_prefix_length(seqs):
+    """Length of the token prefix all sequences share, leaving each at least two tokens."""
+    n = min(len(s) for s in seqs) - 2
+    first = seqs[0]
+    for k in range(max(n, 0)):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return max(n, 0)
+
+
 @torch.no_grad()
 def rating_distribution(model, tok, conversations, batch_size=16):
     """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), in one forward
     pass per judgement. When '10' is two tokens t1 t0 with t1 = '1', the prompt is fed with
-    t1 appended and we read two positions: P(10) = P(t1) P(t0 | t1), P(1) = P(t1)(1 - P(t0 | t1))."""
+    t1 appended and we read two positions: P(10) = P(t1) P(t0 | t1), P(1) = P(t1)(1 - P(t0 | t1)).
+    The judge prompts share a long head (instructions and constitution): it runs once and its
+    KV cache serves every row; only the two positions read go through the vocabulary head."""
     ids = rating_token_ids(tok)
     two = len(ids[9]) == 2
     if two and ids[9][0] != ids[0][0]:
         raise ValueError("logits mode expects '10' to start with the token of '1'")
-    tok.padding_side = "left"
-    texts = [common.chat_text(tok, c) + "Rating: " for c in conversations]
+    seqs = [tok(common.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
+            + ([ids[0][0]] if two else []) for c in conversations]
+    P = common_prefix_length(seqs)
+    dev = model.device
+    with common.autocast():
+        head = model(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values if P else None
     out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
-        if two:
-            enc = [e + [ids[0][0]] for e in enc]
-        batch = tok.pad({"input_ids": enc}, return_tensors="pt").to(model.device)
-        pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    for start in range(0, len(seqs), batch_size):
+        tails = [s[P:] for s in seqs[start:start + batch_size]]
+        T = max(len(t) for t in tails)  # pad on the left of each tail, between head and tail
+        tail_ids = torch.tensor([[tok.pad_token_id] * (T - len(t)) + t for t in tails], device=dev)
+        tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], device=dev)
+        mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
+        pos = P + (tail_mask.cumsum(1) - 1).clamp(min=0)
+        cache = None
+        if head is not None:
+            cache = copy.deepcopy(head)
+            cache.batch_repeat_interleave(len(tails))
         with common.autocast():
-            logits = model(**batch, position_ids=pos).logits.float()
-        first = logits[:, -2 if two else -1].log_softmax(-1)
+            hidden = model.get_decoder()(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
+                                         past_key_values=cache, use_cache=head is not None).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, -2:]).float()  # (B, 2, V)
+        first = logits[:, 0 if two else 1].log_softmax(-1)
         p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
         p10 = first[:, ids[9][0]].exp()  # '10' as one token (Llama 3), else replaced below
         if two:
-            q0 = logits[:, -1].log_softmax(-1)[:, ids[9][1]].exp()  # P('0' | '1')
+            q0 = logits[:, 1].log_softmax(-1)[:, ids[9][1]].exp()  # P('0' | '1')
             p10 = p[:, 0] * q0
             p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:]], dim=1)
         probs = torch.cat([p, p10[:, None]], dim=1)
@@ -107,7 +131,7 @@ def score_answers(model, tok, items, objective, mode="generate", batch_size=16, 
     return [{"score": parse_rating(t[0])} for t in texts]
 
 
-def score_pairs(model, tok, items, objectives, mode, batch_size, max_new_tokens):
+def score_objectives(model, tok, items, objectives, mode, batch_size, max_new_tokens):
     """Score items on (primary, helpfulness): a list of dicts with score_a, score_b
     (and score_a_expected, score_b_expected in logits mode)."""
     out = [{} for _ in items]
@@ -146,7 +170,7 @@ def main():
         nulls = total = 0
         for _, batch in tqdm(todo, desc="score", unit="batch"):
             items = [(r["prompt"], c["text"]) for r in batch for c in r["candidates"]]
-            scores = iter(score_pairs(model, tok, items, objectives, args.mode,
+            scores = iter(score_objectives(model, tok, items, objectives, args.mode,
                                       args.judge_batch_size, args.judge_max_tokens))
             done = []
             for r in batch:

@@ -12,7 +12,8 @@ answer. Chosen and rejected answers go through the model in one concatenated for
     python train.py --input runs/x/pairs.jsonl --output runs/x/model --loss spa
 
 The output directory gets save_pretrained (safetensors) with the tokenizer and chat template,
-train_config.json, metrics.jsonl (a row per optimizer step) and checkpoint/ for --resume.
+train_config.json and metrics.jsonl (a row per optimizer step); while training it also holds
+checkpoint/ for --resume, deleted once the final model is saved.
 """
 import argparse
 import json
@@ -317,7 +318,7 @@ def main(argv=None):
     model, _ = common.load_model(args.model, getattr(torch, args.dtype))
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tok.pad_token_id
 
     ref = None
@@ -335,7 +336,8 @@ def main(argv=None):
         if start and metrics_path.exists() else []
     common.write_atomic(metrics_path, "".join(l + "\n" for l in kept))
     zero_gap = sum(e["gap"] == 0 for e in examples)
-    print(f"train: {len(examples)} pairs ({dropped} dropped, {zero_gap} with gap 0), {len(plan)} steps, "
+    print(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
+          f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(plan)} steps, "
           f"loss {args.loss}, device {common.device()}", file=sys.stderr)
 
     bar = tqdm(range(start, len(plan)), desc="train", unit="step", initial=start, total=len(plan))
@@ -368,9 +370,10 @@ def main(argv=None):
                 return
     config = dict(vars(args), pairs=len(examples), dropped=dropped, zero_gap_pairs=zero_gap, steps=len(plan))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.config.use_cache = True
     save_final(out, model, tok, config)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     print(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
 
 

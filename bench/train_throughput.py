@@ -65,7 +65,7 @@ def main():
     model, tok = common.load_model(args.model)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     examples = synthetic_pairs(tok, args.pairs)
     plan = train.make_plan(examples, args.batch_size, args.grad_accum, 1, 0)

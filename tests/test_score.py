@@ -52,3 +52,23 @@ def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer):
     assert score.rating_token_ids(tok)[9] == [ten]
     probs = score.rating_distribution(model, tok, [score.judge_conversation("honesty", "q", "a")])
     assert probs[0, 9] > 0 and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir):
+    """The cached judge head plus padded tails gives the distribution of one plain forward
+    over each whole judge prompt."""
+    import torch
+    model, tok = common.load_for_inference(str(tiny_model_dir))
+    convs = [score.judge_conversation("harmlessness", "Is it safe?", "answer " * k) for k in (1, 7, 3)]
+    got = score.rating_distribution(model, tok, convs, batch_size=3)
+    one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+    for c, row in zip(convs, got):
+        ids = tok(common.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"] + [one]
+        lp = model(torch.tensor([ids])).logits[0, -2:].log_softmax(-1).exp()
+        p = lp[0, digits]
+        q0 = lp[1, zero]
+        expect = torch.cat([(p[0] * (1 - q0))[None], p[1:], (p[0] * q0)[None]])
+        assert torch.allclose(row, expect / expect.sum(), atol=1e-5)
+    assert score.common_prefix_length([[1, 2, 3, 4], [1, 2, 5, 6, 7]]) == 2
+    assert score.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 1  # two tokens stay in each tail

@@ -165,6 +165,7 @@ def test_resume_equals_straight_run_and_saved_model_generates(tmp_path, tiny_mod
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not (tmp_path / "resumed" / "checkpoint").exists()  # superseded by the final model
     cfg = json.loads((tmp_path / "straight" / "train_config.json").read_text())
     assert cfg["loss"] == loss and cfg["steps"] == 4
     from transformers import AutoModelForCausalLM, AutoTokenizer
