@@ -5,6 +5,7 @@ Nothing here knows about the method itself; the stages hold that.
 """
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import json
 import os
@@ -199,7 +200,9 @@ def by_length(records, key="prompt"):
     return sorted(records, key=lambda r: len(r[key]))
 
 
+@functools.lru_cache(maxsize=None)
 def load_prompt(name):
+    """A file of prompts/, read once per process."""
     return (PROMPTS_DIR / name).read_text(encoding="utf-8")
 
 

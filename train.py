@@ -171,7 +171,7 @@ def train_step(model, examples, micro_batches, args, pad_id, ref=None):
     over all pairs of the step. Returns summed statistics for logging."""
     n_pairs = sum(len(mb) for mb in micro_batches)
     mean_gap = sum(examples[i]["gap"] for mb in micro_batches for i in mb) / n_pairs
-    stats = {k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w")}
+    stats = {k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w", "w_sum")}
     stats.update(w_min=math.inf, w_max=-math.inf)
     for mb in micro_batches:
         ex = [examples[i] for i in mb]
@@ -193,8 +193,8 @@ def train_step(model, examples, micro_batches, args, pad_id, ref=None):
         stats["lp_r"] += (lp_r / n_r).sum().item()
         stats["tokens"] += (n_c.sum() + n_r.sum()).item()
         stats["zero_w"] += (w == 0).sum().item()
-        stats.update(w_min=min(stats["w_min"], w.min().item()), w_max=max(stats["w_max"], w.max().item()),
-                     w_sum=stats.get("w_sum", 0.0) + w.sum().item())
+        stats["w_sum"] += w.sum().item()
+        stats.update(w_min=min(stats["w_min"], w.min().item()), w_max=max(stats["w_max"], w.max().item()))
     return stats, n_pairs
 
 
