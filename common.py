@@ -271,13 +271,15 @@ def load_tokenizer(name):
     return tok
 
 
-def load_model(name, dtype=None):
-    """(model, tokenizer) on CUDA when present, else the CPU. Weights in float32 unless
-    `dtype` says otherwise (stages that only generate pass bfloat16 on CUDA)."""
+def load_weights(name, dtype=None):
+    """The model on CUDA when present, else the CPU; float32 unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM
-    path = resolve_model(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    return model.to(device()), load_tokenizer(name)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32).to(device())
+
+
+def load_model(name, dtype=None):
+    """(model, tokenizer); stages that only generate pass bfloat16 on CUDA."""
+    return load_weights(name, dtype), load_tokenizer(name)
 
 
 def load_for_inference(name):
@@ -322,13 +324,19 @@ class InverseCdfSampler:
         return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
 
 
+def positions(mask, offset=0):
+    """Position ids for left-padded rows: (B, T) 0/1 mask -> (B, T), counting real tokens
+    from `offset` (pads get the first position; they are masked anyway)."""
+    return offset + (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def prefilled_cache(model, enc, num_return, max_new_tokens):
     """Run each prompt (all but its last token) through the model once and copy its keys and
     values num_return times into a static cache, so the samples of one prompt share one
     prefill. On the CPU a chat prompt costs about as much as a 64-token answer (measured)."""
     from transformers import StaticCache
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = positions(mask)
     prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
     for layer, done in zip(cache.layers, prefix.past_key_values.layers):

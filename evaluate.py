@@ -134,9 +134,10 @@ class Judge:
             return [parse(t[0]) for t in texts]
         out = []
         for conv in conversations:
-            v = parse(chat_completion(self.args.judge_api_base, self.args.judge_model, conv, backoff=self.args.backoff))
-            if v is None:
+            for _ in range(2):
                 v = parse(chat_completion(self.args.judge_api_base, self.args.judge_model, conv, backoff=self.args.backoff))
+                if v is not None:
+                    break
             out.append(v)
         return out
 

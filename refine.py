@@ -63,7 +63,7 @@ def main():
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     batch_size=len(batch), seed=args.seed + b)
             scores = score.score_objectives(model, tok, [(r["prompt"], t) for r, (t,) in zip(batch, texts)],
-                                       objectives, args.mode, args.judge_batch_size, args.judge_max_tokens)
+                                            objectives, args.mode, args.judge_batch_size, args.judge_max_tokens)
             refined = [dict(r, refined=dict(text=t, **s)) for r, (t,), s in zip(batch, texts, scores)]
             out.write([r for r in refined if r["id"] not in out.done])
     print(f"refine: {len(records)} prompts -> {args.output}")

@@ -93,7 +93,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
         tail_ids = torch.tensor([[tok.pad_token_id] * (T - len(t)) + t for t in tails], device=dev)
         tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], device=dev)
         mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
-        pos = P + (tail_mask.cumsum(1) - 1).clamp(min=0)
+        pos = common.positions(tail_mask, P)
         cache = None
         if head is not None:
             cache = copy.deepcopy(head)
@@ -171,7 +171,7 @@ def main():
         for _, batch in tqdm(todo, desc="score", unit="batch"):
             items = [(r["prompt"], c["text"]) for r in batch for c in r["candidates"]]
             scores = iter(score_objectives(model, tok, items, objectives, args.mode,
-                                      args.judge_batch_size, args.judge_max_tokens))
+                                           args.judge_batch_size, args.judge_max_tokens))
             done = []
             for r in batch:
                 cands = [dict(c, **next(scores)) for c in r["candidates"]]

@@ -315,7 +315,7 @@ def main(argv=None):
     if (out / "config.json").exists() and not args.resume:
         raise common.InputError(f"{out}: already holds a trained model; choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = common.load_model(args.model, getattr(torch, args.dtype))
+    model = common.load_weights(args.model, getattr(torch, args.dtype))
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
