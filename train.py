@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -62,18 +63,28 @@ def preference_losses(logp_c, logp_r, n_c, n_r, weights, loss, beta, gamma, ref_
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def answer_logps(hidden, lm_head, input_ids, answer_mask):
+def token_logps(lm_head, hidden, targets):
+    """log pi(target | position) at N positions: hidden (N, H), targets (N,) -> (N,) float32."""
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=512):
     """Summed log-probabilities of the answer tokens, and their counts.
     hidden: (B, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
     input_ids: (B, T); answer_mask: (B, T), True where the token is an answer token.
-    The projection runs only at the N positions that predict an answer token, and only those
-    logits go to float32: no (B, T, V) logits and no log-softmax over the whole batch.
+    The projection runs only at the N positions that predict an answer token, `chunk` of them
+    at a time (0: all at once); with gradients on, each chunk's (chunk, V) float32 logits are
+    recomputed in backward instead of kept, so no (N, V) tensor is ever held.
     Returns (logp (B,), n_tokens (B,))."""
     mask = answer_mask[:, 1:]                       # token t is predicted at position t - 1
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]
-    logits = lm_head(hidden[:, :-1][mask]).float()  # (N, V): answer positions only
-    targets = input_ids[:, 1:][mask]
-    lp = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    h, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
+    chunk = chunk or len(h)
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    lp = torch.cat([checkpoint(token_logps, lm_head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+                    if recompute else token_logps(lm_head, h[s:s + chunk], targets[s:s + chunk])
+                    for s in range(0, len(h), chunk)])
     total = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, lp)
     return total, mask.sum(1)
 
@@ -155,12 +166,12 @@ def make_plan(examples, batch_size, accum, epochs, seed):
 
 # ----------------------------------------------------------------------------- one step
 
-def sequence_logps(model, examples, pad_id):
+def sequence_logps(model, examples, pad_id, head_chunk=512):
     """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
     input_ids, attn, answer = (t.to(common.device()) for t in collate(examples, pad_id))
     with common.autocast():
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn).last_hidden_state
-        logp, n = answer_logps(hidden, model.get_output_embeddings(), input_ids, answer)
+        logp, n = answer_logps(hidden, model.get_output_embeddings(), input_ids, answer, head_chunk)
     B = len(examples)
     return logp[:B], logp[B:], n[:B], n[B:]
 
@@ -175,7 +186,7 @@ def train_step(model, examples, micro_batches, args, pad_id, ref=None):
     stats.update(w_min=math.inf, w_max=-math.inf)
     for mb in micro_batches:
         ex = [examples[i] for i in mb]
-        lp_c, lp_r, n_c, n_r = sequence_logps(model, ex, pad_id)
+        lp_c, lp_r, n_c, n_r = sequence_logps(model, ex, pad_id, args.head_chunk)
         gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
         w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
         refs = (ref[mb, 0].to(lp_c.device), ref[mb, 1].to(lp_c.device)) if ref is not None else (None, None)
@@ -199,12 +210,12 @@ def train_step(model, examples, micro_batches, args, pad_id, ref=None):
 
 
 @torch.no_grad()
-def reference_logps(model, examples, batch_size, pad_id):
+def reference_logps(model, examples, batch_size, pad_id, head_chunk):
     """Summed log-probs of chosen and rejected under the starting model: (N, 2). For dpo."""
     model.eval()
     out = torch.zeros(len(examples), 2)
     for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs"):
-        lp_c, lp_r, _, _ = sequence_logps(model, examples[s:s + batch_size], pad_id)
+        lp_c, lp_r, _, _ = sequence_logps(model, examples[s:s + batch_size], pad_id, head_chunk)
         out[s:s + len(lp_c)] = torch.stack([lp_c, lp_r], 1).float().cpu()
     model.train()
     return out
@@ -290,6 +301,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (default 2)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer (default 512)")
+    p.add_argument("--head-chunk", type=int, default=512,
+                   help="answer positions per pass of the vocabulary head; each chunk's logits are "
+                        "recomputed in backward (default 512; 0 = all at once, faster, more memory)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -324,7 +338,7 @@ def main(argv=None):
     ref = None
     if args.loss == "dpo":  # computed once by the starting model, kept on disk for --resume
         ref_path = out / "reference_logps.pt"
-        ref = torch.load(ref_path) if args.resume and ref_path.exists() else reference_logps(model, examples, args.batch_size, pad_id)
+        ref = torch.load(ref_path) if args.resume and ref_path.exists() else reference_logps(model, examples, args.batch_size, pad_id, args.head_chunk)
         torch.save(ref, ref_path)
     model.train()
     plan = make_plan(examples, args.batch_size, args.grad_accum, args.epochs, args.seed)

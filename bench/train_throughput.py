@@ -35,21 +35,26 @@ def matmul_peak(n=2048, reps=10):
     return reps * 2 * n ** 3 / (time.time() - t)
 
 
-def synthetic_pairs(tok, n, seed=0):
+def synthetic_texts(tok, n, seed=0):
+    """n (prompt, chosen, rejected, gap) of random constitution words, answers of 100-250 tokens."""
     rng = random.Random(seed)
     words = open(Path(common.__file__).parent / "prompts/constitution.txt").read().split()
     text = lambda k: " ".join(rng.choice(words) for _ in range(k))
     out = []
-    for i in range(n):
-        prompt = text(20) + "?"
-        sides = []
+    for _ in range(n):
+        prompt, answers = text(20) + "?", []
         for _ in range(2):
             target, k = rng.randint(100, 250), 60
-            while len(tok(text(k), add_special_tokens=False)["input_ids"]) < target:
+            while len(tok(answer := text(k), add_special_tokens=False)["input_ids"]) < target:
                 k += 10
-            sides.append(train.tokenize_answer(tok, prompt, text(k), 1024))
-        out.append({"chosen": sides[0], "rejected": sides[1], "gap": float(rng.randint(0, 6)), "id": str(i), "line": i})
+            answers.append(answer)
+        out.append((prompt, *answers, float(rng.randint(0, 6))))
     return out
+
+
+def synthetic_pairs(tok, n, seed=0):
+    return [{"chosen": train.tokenize_answer(tok, p, c, 1024), "rejected": train.tokenize_answer(tok, p, r, 1024),
+             "gap": gap, "id": str(i), "line": i} for i, (p, c, r, gap) in enumerate(synthetic_texts(tok, n, seed))]
 
 
 def main():
@@ -59,8 +64,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--head-chunk", type=int, default=512, help="train.py's --head-chunk (default 512)")
+    p.add_argument("--freed-memory-mib", type=int, default=4,
+                   help="glibc returns freed blocks above this many MiB, as train.py does (default 4; "
+                        "0 = glibc's default behaviour)")
     args = p.parse_args()
-    common.return_freed_memory()  # as train.py does
+    if args.freed_memory_mib:
+        common.return_freed_memory(args.freed_memory_mib)  # as train.py does
     peak = matmul_peak()
     model, tok = common.load_model(args.model)
     model.config.use_cache = False
@@ -70,7 +80,7 @@ def main():
     examples = synthetic_pairs(tok, args.pairs)
     plan = train.make_plan(examples, args.batch_size, args.grad_accum, 1, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
+    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk)
     n_params = sum(p.numel() for p in model.parameters())
     train.train_step(model, examples, plan[0][:1], hp, tok.pad_token_id)  # warm-up, not counted
     opt.zero_grad(set_to_none=True)
@@ -86,7 +96,9 @@ def main():
     flops = 6 * n_params * tokens / dt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"device {common.device()}, {args.pairs} pairs, micro-batch {args.batch_size} x accumulation "
-          f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32")
+          f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
+          f"head chunk {args.head_chunk}, freed memory returned above "
+          f"{f'{args.freed_memory_mib} MiB' if args.freed_memory_mib else 'glibc default threshold'}")
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
     print(f"peak memory (max RSS) {rss:.2f} GiB"
           + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""))

@@ -58,6 +58,23 @@ def test_answer_logps_only_reads_answer_positions():
     assert torch.equal(train.answer_logps(logits2, torch.nn.Identity(), ids2, mask)[0], lp)
 
 
+def test_chunked_head_gives_the_same_log_probs_and_gradients():
+    """Chunks of 2 positions, recomputed in backward, equal one pass over all positions."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False)
+    ids = torch.randint(0, 13, (3, 7))
+    mask = torch.rand(3, 7) > 0.3
+    results = []
+    for chunk in (2, 1000):
+        hidden = torch.randn(3, 7, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        head.zero_grad()
+        lp, _ = train.answer_logps(hidden, head, ids, mask, chunk=chunk)
+        (lp * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((lp.detach(), hidden.grad, head.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert results[0][2].abs().sum() > 0
+
 def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
     """The projection at answer positions only gives the log-probs of a plain full forward."""
     model, _ = common.load_model(str(tiny_model_dir))
@@ -124,7 +141,7 @@ def grads(model):
 
 def test_accumulation_gives_the_same_gradient(tiny_model_dir, tokenizer):
     ex = make_examples(tokenizer)
-    args = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
+    args = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=7)
     out = []
     for micro in ([[0], [1], [2], [3]], [[0, 1, 2, 3]]):
         model, _ = common.load_model(str(tiny_model_dir))
