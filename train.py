@@ -303,7 +303,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer (default 512)")
     p.add_argument("--head-chunk", type=int, default=512,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
-                        "recomputed in backward (default 512; 0 = all at once, faster, more memory)")
+                        "recomputed in backward (default 512; 0 = all at once: more memory)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
