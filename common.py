@@ -40,7 +40,7 @@ def return_freed_memory(mib=4):
     its mmap threshold after each large free (up to 32 MiB), so later activations come from a
     heap that keeps their memory, fragmented, after they die. A fixed 4 MiB threshold stops
     that for the recomputed layers' activations: bench/train_throughput.py measured peak RSS
-    4.79 -> 3.16 GiB for 10-20% of throughput (the page faults of fresh memory); 16 MiB kept
+    4.79 -> 3.16 GiB for 10-20% of throughput (the page faults of fresh memory); 16 MiB saved
     nothing, 64 KiB cost a third of the throughput. No-op without glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, mib << 20)  # -3 = M_MMAP_THRESHOLD

@@ -23,6 +23,7 @@ import random
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
+
+HEAD_CHUNK = 512  # answer positions per pass of the vocabulary head (--head-chunk)
 
 
 # ----------------------------------------------------------------------------- the mathematics
@@ -69,7 +72,7 @@ def token_logps(lm_head, hidden, targets):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=512):
+def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK):
     """Summed log-probabilities of the answer tokens, and their counts.
     hidden: (B, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
     input_ids: (B, T); answer_mask: (B, T), True where the token is an answer token.
@@ -82,9 +85,8 @@ def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=512):
     h, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
     chunk = chunk or len(h)
     recompute = torch.is_grad_enabled() and h.requires_grad
-    lp = torch.cat([checkpoint(token_logps, lm_head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
-                    if recompute else token_logps(lm_head, h[s:s + chunk], targets[s:s + chunk])
-                    for s in range(0, len(h), chunk)])
+    head = partial(checkpoint, token_logps, use_reentrant=False) if recompute else token_logps
+    lp = torch.cat([head(lm_head, h[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(h), chunk)])
     total = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, lp)
     return total, mask.sum(1)
 
@@ -166,7 +168,7 @@ def make_plan(examples, batch_size, accum, epochs, seed):
 
 # ----------------------------------------------------------------------------- one step
 
-def sequence_logps(model, examples, pad_id, head_chunk=512):
+def sequence_logps(model, examples, pad_id, head_chunk=HEAD_CHUNK):
     """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
     input_ids, attn, answer = (t.to(common.device()) for t in collate(examples, pad_id))
     with common.autocast():
@@ -301,9 +303,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (default 2)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer (default 512)")
-    p.add_argument("--head-chunk", type=int, default=512,
+    p.add_argument("--head-chunk", type=int, default=HEAD_CHUNK,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
-                        "recomputed in backward (default 512; 0 = all at once: more memory)")
+                        f"recomputed in backward (default {HEAD_CHUNK}; 0 = all at once: more memory)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

@@ -64,7 +64,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--head-chunk", type=int, default=512, help="train.py's --head-chunk (default 512)")
+    p.add_argument("--head-chunk", type=int, default=train.HEAD_CHUNK,
+                   help=f"train.py's --head-chunk (default {train.HEAD_CHUNK})")
     p.add_argument("--freed-memory-mib", type=int, default=4,
                    help="glibc returns freed blocks above this many MiB, as train.py does (default 4; "
                         "0 = glibc's default behaviour)")

@@ -75,6 +75,7 @@ def test_chunked_head_gives_the_same_log_probs_and_gradients():
         assert torch.allclose(a, b, atol=1e-6)
     assert results[0][2].abs().sum() > 0
 
+
 def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
     """The projection at answer positions only gives the log-probs of a plain full forward."""
     model, _ = common.load_model(str(tiny_model_dir))
