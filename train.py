@@ -6,19 +6,25 @@
     loss_i = -w_i log sigmoid(r(y) - r(y-) - gamma)
 
 --loss simpo sets w = 1; --loss dpo uses summed log-probs against reference log-probs
-computed once by the starting model before training; --loss sft is the NLL of the chosen
-answer. Chosen and rejected answers go through the model in one concatenated forward.
+computed once by the starting model before training (with LoRA: the model with its adapters
+off, no reference pass); --loss sft is the NLL of the chosen answer. Chosen and rejected
+answers go through the model in one concatenated forward.
 
     python train.py --input runs/x/pairs.jsonl --output runs/x/model --loss spa
+    torchrun --nproc_per_node 8 train.py ...             FSDP2 over 8 GPUs (full fine-tune)
+    python train.py ... --lora-rank 16                   one GPU, an 8B model: LoRA
 
-The output directory gets save_pretrained (safetensors) with the tokenizer and chat template,
-train_config.json and metrics.jsonl (a row per optimizer step); while training it also holds
-checkpoint/ for --resume, deleted once the final model is saved.
+The trained weights are float32 master weights, always; `--mixed-precision` computes in bf16
+(FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). --batch-size is per
+device: the optimizer batch is batch-size x grad-accum x world size, and N ranks x batch B
+make the same steps as 1 rank x batch N*B. The output directory gets save_pretrained
+(safetensors) with the tokenizer and chat template, train_config.json and metrics.jsonl (a
+row per optimizer step); while training it also holds checkpoint/ for --resume.
 """
 import argparse
+import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -26,13 +32,17 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
+import checkpoints
 import common
+import distributed
+import generation
+import lora
 
 HEAD_CHUNK = 512  # answer positions per pass of the vocabulary head (--head-chunk)
 
@@ -100,8 +110,8 @@ def tokenize_answer(tok, prompt, answer, max_length):
     tokenized once without adding special tokens (the template has them: no double BOS).
     Returns (ids, n_prompt), or a reason string when the pair must be dropped."""
     conv = [{"role": "user", "content": prompt}]
-    prompt_text = common.chat_text(tok, conv)
-    full_text = common.chat_text(tok, conv + [{"role": "assistant", "content": answer}], False)
+    prompt_text = generation.chat_text(tok, conv)
+    full_text = generation.chat_text(tok, conv + [{"role": "assistant", "content": answer}], False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template's prompt is not a prefix of the rendered conversation")
     ids = tok(full_text, add_special_tokens=False)["input_ids"]
@@ -111,6 +121,13 @@ def tokenize_answer(tok, prompt, answer, max_length):
     if len(p_ids) >= max_length:
         return "prompt_too_long"
     return ids[:max_length], len(p_ids)
+
+
+def read_gap(path, n, gap):
+    """A pair's gap: a finite number >= 0 (a negative weight would train toward the rejected answer)."""
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
+        raise common.InputError(f"{path}:{n}: gap must be a finite number >= 0, got {gap!r}")
+    return float(gap)
 
 
 def load_pairs(path, tok, max_length, limit=None):
@@ -131,7 +148,7 @@ def load_pairs(path, tok, max_length, limit=None):
         if bad:
             dropped[bad] += 1
             continue
-        examples.append({"chosen": sides[0], "rejected": sides[1], "gap": float(rec["gap"]),
+        examples.append({"chosen": sides[0], "rejected": sides[1], "gap": read_gap(path, n, rec["gap"]),
                          "id": rec.get("id", str(n)), "line": n})
     if not examples:
         raise common.InputError(f"{path}: every pair was dropped ({dropped}); raise --max-length")
@@ -155,7 +172,9 @@ def collate(examples, pad_id):
 
 def make_plan(examples, batch_size, accum, epochs, seed):
     """Optimizer steps as lists of micro-batches (lists of example indices). Micro-batches
-    are buckets of similar length (little padding), shuffled per epoch with the seed."""
+    are buckets of similar length (little padding), shuffled per epoch with the seed.
+    batch_size is the global micro-batch (per-device batch x world size): every rank builds
+    the same plan and takes its slice of each micro-batch (rank_slice)."""
     by_len = sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen"][0]) + len(examples[i]["rejected"][0]))
     micro = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
     steps = []
@@ -166,39 +185,104 @@ def make_plan(examples, batch_size, accum, epochs, seed):
     return steps
 
 
-# ----------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------- the model
 
-def sequence_logps(model, examples, pad_id, head_chunk=HEAD_CHUNK):
+class Policy(nn.Module):
+    """The language model as one module whose forward returns the summed answer log-probs:
+    FSDP2 gathers a module's parameters around its forward, so the decoder and the
+    vocabulary head (applied only at answer positions) must run inside one forward."""
+
+    def __init__(self, lm, head_chunk=HEAD_CHUNK, bf16_autocast=False):
+        super().__init__()
+        self.lm, self.head_chunk, self.bf16_autocast = lm, head_chunk, bf16_autocast
+
+    def forward(self, input_ids, attention_mask, answer_mask):
+        with common.autocast(self.bf16_autocast):
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk)
+
+
+def build_policy(args, bf16):
+    """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
+    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun:
+    each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy."""
+    sharded = distributed.WORLD > 1
+    lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
+                             to_device=not sharded)
+    lm.config.use_cache = False
+    if args.lora_rank:
+        lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
+    if args.gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded)
+    if sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+    return policy.train()
+
+
+def rank_slice(micro_batch):
+    """This rank's contiguous slice of a global micro-batch (per-device batch each)."""
+    per = math.ceil(len(micro_batch) / distributed.WORLD)
+    return micro_batch[distributed.RANK * per:(distributed.RANK + 1) * per]
+
+
+def sequence_logps(policy, examples, pad_id):
     """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
     input_ids, attn, answer = (t.to(common.device()) for t in collate(examples, pad_id))
-    with common.autocast():
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn).last_hidden_state
-        logp, n = answer_logps(hidden, model.get_output_embeddings(), input_ids, answer, head_chunk)
+    logp, n = policy(input_ids, attn, answer)
     B = len(examples)
     return logp[:B], logp[B:], n[:B], n[B:]
 
 
-def train_step(model, examples, micro_batches, args, pad_id, ref=None):
-    """Forward and backward over the micro-batches of one optimizer step; gradients are
-    accumulated so that they equal one batch holding every pair. The weights' mean gap runs
-    over all pairs of the step. Returns summed statistics for logging."""
+@torch.no_grad()
+def reference_forward(policy, examples, pad_id):
+    """Summed answer log-probs of chosen and rejected without gradients (dpo's reference)."""
+    lp_c, lp_r, _, _ = sequence_logps(policy, examples, pad_id)
+    if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
+        policy.reshard()
+    return lp_c, lp_r
+
+
+# ----------------------------------------------------------------------------- one step
+
+def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
+    """Forward and backward over this rank's slices of the micro-batches of one optimizer
+    step; gradients are accumulated so that, summed over ranks, they equal one batch holding
+    every pair. Eq. 3's mean gap and the loss normalisation run over all pairs of the step on
+    every rank (every rank knows the whole plan). A rank whose slice is empty runs one pair
+    with weight 0, so every rank makes the same collective calls. Returns this rank's summed
+    statistics and the step's global pair count."""
     n_pairs = sum(len(mb) for mb in micro_batches)
     mean_gap = sum(examples[i]["gap"] for mb in micro_batches for i in mb) / n_pairs
+    scale = distributed.WORLD / n_pairs  # FSDP averages gradients over ranks; we want the sum / n_pairs
     stats = {k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w", "w_sum")}
     stats.update(w_min=math.inf, w_max=-math.inf)
     for mb in micro_batches:
-        ex = [examples[i] for i in mb]
-        lp_c, lp_r, n_c, n_r = sequence_logps(model, ex, pad_id, args.head_chunk)
+        mine = rank_slice(mb)
+        ex = [examples[i] for i in (mine or mb[:1])]
+        lp_c, lp_r, n_c, n_r = sequence_logps(policy, ex, pad_id)
         gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
         w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
-        refs = (ref[mb, 0].to(lp_c.device), ref[mb, 1].to(lp_c.device)) if ref is not None else (None, None)
+        refs = (None, None)
+        if args.loss == "dpo" and ref is None:  # LoRA: the reference is the model with its adapters off
+            lora.set_enabled(policy, False)
+            refs = reference_forward(policy, ex, pad_id)
+            lora.set_enabled(policy, True)
+        elif ref is not None:
+            idx = mine or mb[:1]
+            refs = (ref[idx, 0].to(lp_c.device), ref[idx, 1].to(lp_c.device))
         losses, r_c, r_r = preference_losses(lp_c, lp_r, n_c, n_r, w, args.loss, args.beta, args.gamma, *refs)
-        loss = losses.sum() / n_pairs
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} in pairs {[e['id'] for e in ex]} "
+        if not torch.isfinite(losses.sum()):
+            raise FloatingPointError(f"loss is {losses.sum().item()} in pairs {[e['id'] for e in ex]} "
                                      f"(lines {[e['line'] for e in ex]})")
-        loss.backward()
-        stats["loss"] += loss.item()
+        (losses.sum() * scale * (1.0 if mine else 0.0)).backward()
+        if not mine:
+            continue
+        stats["loss"] += losses.sum().item() / n_pairs
         stats["r_c"] += r_c.sum().item()
         stats["r_r"] += r_r.sum().item()
         stats["acc"] += (r_c > r_r).sum().item()
@@ -211,19 +295,33 @@ def train_step(model, examples, micro_batches, args, pad_id, ref=None):
     return stats, n_pairs
 
 
-@torch.no_grad()
-def reference_logps(model, examples, batch_size, pad_id, head_chunk):
-    """Summed log-probs of chosen and rejected under the starting model: (N, 2). For dpo."""
-    model.eval()
-    out = torch.zeros(len(examples), 2)
-    for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs"):
-        lp_c, lp_r, _, _ = sequence_logps(model, examples[s:s + batch_size], pad_id, head_chunk)
-        out[s:s + len(lp_c)] = torch.stack([lp_c, lp_r], 1).float().cpu()
-    model.train()
+def reduce_stats(stats):
+    """Sum the statistics over ranks (min and max for the weights' extremes)."""
+    keys = [k for k in stats if k not in ("w_min", "w_max")]
+    out = dict(zip(keys, distributed.all_sum([stats[k] for k in keys])))
+    out.update(w_min=distributed.all_reduce(stats["w_min"], "min"), w_max=distributed.all_reduce(stats["w_max"], "max"))
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+@torch.no_grad()
+def reference_logps(policy, examples, batch_size, pad_id):
+    """Summed log-probs of chosen and rejected under the starting model: (N, 2), for dpo.
+    Every rank computes its share (pairs rank, rank + world, ...), all gathered once."""
+    policy.eval()
+    mine = list(range(len(examples)))[distributed.RANK::distributed.WORLD]
+    n_batches = math.ceil(math.ceil(len(examples) / distributed.WORLD) / batch_size)  # equal on every rank
+    got = []
+    for b in common.progress(range(n_batches), desc="reference log-probs"):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        lp_c, lp_r = reference_forward(policy, [examples[i] for i in idx or [0]], pad_id)
+        got += list(zip(idx, lp_c.float().tolist(), lp_r.float().tolist()))
+    out = torch.zeros(len(examples), 2)
+    for part in distributed.all_gather(got):
+        for i, c, r in part:
+            out[i] = torch.tensor([c, r])
+    policy.train()
+    return out
+
 
 def lr_lambda(warmup, total):
     """Linear warm-up, then cosine decay to 0."""
@@ -232,56 +330,6 @@ def lr_lambda(warmup, total):
             return (step + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return f
-
-
-def save_checkpoint(out, model, opt, sched, step):
-    """OUT/checkpoint/: model (safetensors), optimizer, scheduler, RNG, data position.
-    Written beside and renamed over the old one, so a crash keeps the last good checkpoint."""
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp / "trainer_state.pt")
-    old = out / "checkpoint.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out, model, opt, sched):
-    """Restore a checkpoint/ written by save_checkpoint; returns the step to continue at."""
-    from safetensors.torch import load_file
-    ck = out / "checkpoint"
-    if not (ck / "trainer_state.pt").exists():
-        raise common.InputError(f"{ck}: no checkpoint to resume from")
-    model.load_state_dict(load_file(ck / "model.safetensors"), strict=False)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    state = torch.load(ck / "trainer_state.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
-def save_final(out, model, tok, config):
-    """save_pretrained into a temporary folder, then move the files in with config.json
-    last: the output only looks like a model once every weight file is in place."""
-    tmp = out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    common.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -299,26 +347,67 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1)")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step (default 2)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per prompt + answer (default 512)")
+    p.add_argument("--epochs", type=common.positive_int, default=1, help="passes over the pairs (default 1)")
+    p.add_argument("--batch-size", type=common.positive_int, default=4, help="pairs per micro-batch per device (default 4)")
+    p.add_argument("--grad-accum", type=common.positive_int, default=2, help="micro-batches per optimizer step (default 2)")
+    p.add_argument("--max-length", type=common.positive_int, default=512, help="tokens per prompt + answer (default 512)")
     p.add_argument("--head-chunk", type=int, default=HEAD_CHUNK,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
                         f"recomputed in backward (default {HEAD_CHUNK}; 0 = all at once: more memory)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weight dtype; bf16 autocast is used on CUDA either way (default float32)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
+                   help="bf16 compute over float32 master weights: auto = bf16 on CUDA, float32 on the CPU; "
+                        "bf16 also runs on the CPU (slowly: for tests)")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the saved model's weights (default float32)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
+    p.add_argument("--lora-targets", nargs="+", default=list(lora.DEFAULT_TARGETS),
+                   help=f"linear layers given adapters (default: {' '.join(lora.DEFAULT_TARGETS)})")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (default 50)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in an output that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps, as a crash would (for tests)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N pairs")
     args = p.parse_args(argv)
     if args.beta is None:
         args.beta = 0.1 if args.loss == "dpo" else 2.5
+    if args.lora_rank < 0:
+        p.error("--lora-rank must be >= 0")
     return args
+
+
+def plan_info(args, examples, n_steps):
+    """What a checkpoint must match to be resumed: the pairs and everything that shapes the steps."""
+    digest = hashlib.sha1(json.dumps([(e["chosen"], e["rejected"], e["gap"]) for e in examples]).encode()).hexdigest()
+    return {"pairs": digest, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "epochs": args.epochs,
+            "world_size": distributed.WORLD, "seed": args.seed, "steps": n_steps, "loss": args.loss,
+            "lr": args.lr, "lora_rank": args.lora_rank, "max_length": args.max_length}
+
+
+def check_output(out, args):
+    """Refuse to train over a finished model, or over a checkpoint without --resume/--overwrite."""
+    if out.exists() and not out.is_dir():
+        raise common.InputError(f"{out}: --output is a file; it must be a directory")
+    if (out / "config.json").exists() and not args.resume:
+        raise common.InputError(f"{out}: already holds a trained model; choose another --output")
+    if not args.resume and not args.overwrite and checkpoints.find_checkpoint(out):
+        raise common.InputError(f"{out}: holds a checkpoint; continue it with --resume or start again with --overwrite")
+
+
+def dpo_reference(out, policy, examples, args, pad_id):
+    """Reference log-probs for dpo, computed once and kept (safetensors) for --resume; None with LoRA."""
+    if args.loss != "dpo" or args.lora_rank:
+        return None
+    path = out / "reference_logps.safetensors"
+    if args.resume and path.exists():
+        return load_file(path)["logps"]
+    ref = reference_logps(policy, examples, args.batch_size, pad_id)
+    if distributed.is_main():
+        save_file({"logps": ref}, path)
+    return ref
 
 
 def main(argv=None):
@@ -326,71 +415,81 @@ def main(argv=None):
     out = Path(args.output)
     common.return_freed_memory()
     common.seed_everything(args.seed)
+    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
     tok = common.load_tokenizer(args.model)
     examples, dropped = load_pairs(args.input, tok, args.max_length, args.limit)
-    if (out / "config.json").exists() and not args.resume:
-        raise common.InputError(f"{out}: already holds a trained model; choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    model = common.load_weights(args.model, getattr(torch, args.dtype))
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    check_output(out, args)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    policy = build_policy(args, bf16)
     pad_id = tok.pad_token_id
-
-    ref = None
-    if args.loss == "dpo":  # computed once by the starting model, kept on disk for --resume
-        ref_path = out / "reference_logps.pt"
-        ref = torch.load(ref_path) if args.resume and ref_path.exists() else reference_logps(model, examples, args.batch_size, pad_id, args.head_chunk)
-        torch.save(ref, ref_path)
-    model.train()
-    plan = make_plan(examples, args.batch_size, args.grad_accum, args.epochs, args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ref = dpo_reference(out, policy, examples, args, pad_id)
+    plan = make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
+    info = plan_info(args, examples, len(plan))
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
-    start = load_checkpoint(out, model, opt, sched) if args.resume else 0
+    start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
-    kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
-        if start and metrics_path.exists() else []
-    common.write_atomic(metrics_path, "".join(l + "\n" for l in kept))
+    if distributed.is_main():
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
+            if start and metrics_path.exists() else []
+        common.write_atomic(metrics_path, "".join(l + "\n" for l in kept))
     zero_gap = sum(e["gap"] == 0 for e in examples)
-    print(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
-          f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(plan)} steps, "
-          f"loss {args.loss}, device {common.device()}", file=sys.stderr)
+    n_train = sum(p.numel() for _, p in named)
+    common.log(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
+               f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(plan)} steps of "
+               f"{args.batch_size} per device x {args.grad_accum} accumulation x {distributed.WORLD} process(es) = "
+               f"{args.batch_size * args.grad_accum * distributed.WORLD} pairs; loss {args.loss}, device "
+               f"{common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 master weights, "
+               f"{'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained parameters",
+               file=sys.stderr)
 
-    bar = tqdm(range(start, len(plan)), desc="train", unit="step", initial=start, total=len(plan))
-    with open(metrics_path, "a") as mf:
-        for step in bar:
-            t0 = time.time()
-            try:
-                s, n = train_step(model, examples, plan[step], args, pad_id, ref)
-            except FloatingPointError as e:
-                raise SystemExit(f"error: training stopped at step {step + 1}: {e}; the last good checkpoint "
-                                 f"is in {out / 'checkpoint'}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.time() - t0
-            row = {"step": step + 1, "loss": s["loss"], "rewards/chosen": s["r_c"] / n, "rewards/rejected": s["r_r"] / n,
-                   "rewards/accuracy": s["acc"] / n, "rewards/margin": (s["r_c"] - s["r_r"]) / n,
-                   "logps/chosen": s["lp_c"] / n, "logps/rejected": s["lp_r"] / n, "weight/mean": s["w_sum"] / n,
-                   "weight/min": s["w_min"], "weight/max": s["w_max"], "weight/zero": s["zero_w"], "lr": lr,
-                   "grad_norm": grad_norm, "pairs_per_s": n / dt, "tokens_per_s": s["tokens"] / dt}
-            mf.write(json.dumps(row) + "\n")
-            mf.flush()
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}", acc=f"{row['rewards/accuracy']:.2f}")
-            if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
-                save_checkpoint(out, model, opt, sched, step + 1)
-            if step + 1 == args.stop_after:
-                print(f"train: stopped after step {step + 1} (--stop-after)", file=sys.stderr)
-                return
-    config = dict(vars(args), pairs=len(examples), dropped=dropped, zero_gap_pairs=zero_gap, steps=len(plan))
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_disable()
-    model.config.use_cache = True
-    save_final(out, model, tok, config)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
-    print(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
+    bar = common.progress(range(start, len(plan)), desc="train", unit="step", initial=start, total=len(plan))
+    for step in bar:
+        t0 = time.time()
+        try:
+            s, n = train_step(policy, examples, plan[step], args, pad_id, ref)
+        except FloatingPointError as e:
+            where = f"the last good checkpoint is in {checkpoints.find_checkpoint(out)}" \
+                if checkpoints.find_checkpoint(out) else "no checkpoint was written yet"
+            raise SystemExit(f"error: training stopped at step {step + 1}: {e}; {where}")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        s = reduce_stats(s)
+        dt = time.time() - t0
+        row = {"step": step + 1, "loss": s["loss"], "rewards/chosen": s["r_c"] / n, "rewards/rejected": s["r_r"] / n,
+               "rewards/accuracy": s["acc"] / n, "rewards/margin": (s["r_c"] - s["r_r"]) / n,
+               "logps/chosen": s["lp_c"] / n, "logps/rejected": s["lp_r"] / n, "weight/mean": s["w_sum"] / n,
+               "weight/min": s["w_min"], "weight/max": s["w_max"], "weight/zero": s["zero_w"], "lr": lr,
+               "grad_norm": grad_norm, "pairs_per_s": n / dt, "tokens_per_s": s["tokens"] / dt}
+        if distributed.is_main():
+            with open(metrics_path, "a") as mf:
+                mf.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}",
+                            acc=f"{row['rewards/accuracy']:.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
+            checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
+        if step + 1 == args.stop_after:
+            common.log(f"train: stopped after step {step + 1} (--stop-after)", file=sys.stderr)
+            return
+    state = checkpoints.full_state_dict(policy.lm)
+    if distributed.is_main():
+        if args.lora_rank:
+            state = lora.merge(state, args.lora_alpha / args.lora_rank)
+        cast = {}  # tied tensors stay one tensor
+        state = {k: cast.setdefault(id(v), v.to(getattr(torch, args.save_dtype))) for k, v in state.items()}
+        config = dict(vars(args), pairs=len(examples), dropped=dropped, zero_gap_pairs=zero_gap, steps=len(plan),
+                      world_size=distributed.WORLD, mixed_precision_bf16=bf16)
+        checkpoints.save_final(out, policy.lm, state, tok, config)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
+    distributed.barrier()
+    common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import generation  # noqa: E402
 from train_throughput import matmul_peak  # noqa: E402
 
 
@@ -39,14 +40,14 @@ def main():
     peak = matmul_peak()
     model, tok = common.load_for_inference(args.model)
     prompts = [json.loads(l)["prompt"] for l in open(Path(common.__file__).parent / "data/train_prompts.jsonl")]
-    convs = [common.user_turn(q) for q in prompts]
+    convs = [generation.user_turn(q) for q in prompts]
     print(f"device {common.device()}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, "
           f"temperature 1.0; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
 
     def ours(n_prompts, n_samples):
         st = {}
-        common.generate(model, tok, convs[:n_prompts], max_new_tokens=args.new_tokens, temperature=1.0,
-                        num_return=n_samples, batch_size=n_prompts, stats=st)
+        generation.generate(model, tok, convs[:n_prompts], max_new_tokens=args.new_tokens, temperature=1.0,
+                            num_return=n_samples, batch_size=n_prompts, stats=st)
         return st["tokens"]
 
     def plain(texts, n_samples):
@@ -58,9 +59,9 @@ def main():
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, generation_config=cfg)
-        return common.count_new_tokens(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
+        return generation.count_new_tokens(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
 
-    texts = [common.chat_text(tok, c) for c in convs]
+    texts = [generation.chat_text(tok, c) for c in convs]
     ours(2, 2)  # warm-up
     n, s, L, S = args.prompts, args.samples, args.large, args.large_samples
     rows = [(f"plain generate, {n} prompts x {s} samples, one call", *timed(lambda: plain(texts[:n], s))),

@@ -7,6 +7,10 @@ trained token (forward + backward), not the recomputation of checkpointing. Meas
 asserts.
 
     python bench/train_throughput.py [--pairs 16] [--batch-size 4] [--grad-accum 2]
+    torchrun --nproc_per_node 2 bench/train_throughput.py --batch-size 2    (FSDP2, gloo on the CPU)
+
+Under torchrun --batch-size is per device, as in train.py; pairs/s and tokens/s are of the
+whole job, peak memory is rank 0's.
 """
 import argparse
 import random
@@ -19,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import distributed  # noqa: E402
 import train  # noqa: E402
 
 
@@ -72,31 +77,35 @@ def main():
     args = p.parse_args()
     if args.freed_memory_mib:
         common.return_freed_memory(args.freed_memory_mib)  # as train.py does
-    peak = matmul_peak()
-    model, tok = common.load_model(args.model)
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    distributed.setup()
+    peak = distributed.all_sum([matmul_peak()])[0]  # of all ranks together (torchrun gives each one thread)
+    tok = common.load_tokenizer(args.model)
+    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk, model=args.model,
+                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing)
+    policy = train.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
-    plan = train.make_plan(examples, args.batch_size, args.grad_accum, 1, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk)
-    n_params = sum(p.numel() for p in model.parameters())
-    train.train_step(model, examples, plan[0][:1], hp, tok.pad_token_id)  # warm-up, not counted
+    plan = train.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    n_params = sum(p.numel() for p in policy.parameters())  # a sharded parameter reports its full size
+    train.train_step(policy, examples, [plan[0][0][:distributed.WORLD]], hp, tok.pad_token_id)  # warm-up, not counted
     opt.zero_grad(set_to_none=True)
+    distributed.barrier()
     t, pairs, tokens = time.time(), 0, 0
     for step in plan:
-        s, n = train.train_step(model, examples, step, hp, tok.pad_token_id)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        s, n = train.train_step(policy, examples, step, hp, tok.pad_token_id)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         pairs += n
         tokens += sum(len(examples[i][k][0]) for mb in step for i in mb for k in ("chosen", "rejected"))
+    distributed.barrier()
     dt = time.time() - t
     flops = 6 * n_params * tokens / dt
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"device {common.device()}, {args.pairs} pairs, micro-batch {args.batch_size} x accumulation "
+    if not distributed.is_main():
+        return
+    print(f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
+          f"{args.batch_size} per device x accumulation "
           f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
           f"head chunk {args.head_chunk}, freed memory returned above "
           f"{f'{args.freed_memory_mib} MiB' if args.freed_memory_mib else 'glibc default threshold'}")
@@ -109,3 +118,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    distributed.cleanup()

@@ -55,3 +55,17 @@ def write_jsonl(path, records):
 
 def read_jsonl(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def torchrun(script, *args, nproc=2, check=True):
+    """Run a stage under torchrun with `nproc` ranks (gloo on the CPU)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master-addr", "127.0.0.1", "--master-port", str(port), str(ROOT / script), *map(str, args)],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {p.returncode}:\n{p.stderr[-4000:]}")
+    return p

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import generation
 from conftest import ROOT, read_jsonl, run, write_jsonl
 
 
@@ -46,22 +47,45 @@ def test_instruction_and_question_fields_and_ids(tmp_path):
     assert common.read_prompts(g, prompt_field="ask")[0]["prompt"] == "z"
 
 
-def test_resumable_writer_drops_torn_line_and_refuses_foreign_output(tmp_path):
-    inputs = [{"id": str(i), "prompt": f"p{i}"} for i in range(3)]
+def test_output_resumes_parts_merges_in_input_order_and_refuses_foreign_output(tmp_path):
+    from resumable import Output
+    inputs = [{"id": str(i), "prompt": "p" * (5 - i)} for i in range(4)]
     out = tmp_path / "o.jsonl"
-    out.write_text(json.dumps(dict(inputs[0], x=1)) + "\n" + '{"id": "1", "pro')
-    with common.ResumableWriter(out, inputs) as w:
-        assert w.done == {"0"}
-        w.write([dict(inputs[1], x=2)])
-    assert [r["id"] for r in read_jsonl(out)] == ["0", "1"]
+    w = Output(out, inputs, {"k": 1})
+    assert [[r["id"] for r in b] for b in w.batches(2)] == [["3", "2"], ["1", "0"]]  # by length
+    w.write([dict(inputs[3], x=3)])
+    w.f.write(b'{"id": "2", "pro')  # a crash in the middle of a line
+    w.__exit__(RuntimeError, None, None)  # leaving with an exception: no merge
+    assert not out.exists() and (tmp_path / "o.jsonl.part0").exists()
+    with Output(out, inputs, {"k": 1}) as w:
+        assert [r["id"] for r in w.pending] == ["0", "1", "2"]  # the torn record is redone
+        w.write([dict(r, x=int(r["id"])) for r in w.pending])
+    assert [r["id"] for r in read_jsonl(out)] == ["0", "1", "2", "3"]  # input order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.jsonl.run.json"]
     before = out.read_bytes()
-    other = [{"id": "0", "prompt": "another prompt"}]
-    with pytest.raises(common.InputError, match=r"o\.jsonl:1: existing output holds id '0'"):
-        common.ResumableWriter(out, other)
+    with pytest.raises(common.InputError, match=r"was made with --k 1 \(now 2\)"):
+        Output(out, inputs, {"k": 2})
+    with pytest.raises(common.InputError, match=r"holds id '3', which is not in this input"):
+        Output(out, inputs[:3], {"k": 1})
+    changed = [dict(inputs[0], prompt="another")] + inputs[1:]
+    with pytest.raises(common.InputError, match=r"input record\(s\) 0 changed"):
+        Output(out, changed, {"k": 1})
+    with pytest.raises(common.InputError, match="--output is the --input file"):
+        Output(out, inputs, {"k": 1}, input_path=out)
     assert out.read_bytes() == before  # nothing lost
-    with common.ResumableWriter(out, inputs, overwrite=True) as w:
-        assert w.done == set()
-    assert out.read_bytes() == b""
+    with Output(out, inputs, {"k": 2}, overwrite=True) as w:
+        assert len(w.pending) == 4
+        w.write([dict(r, x=0) for r in w.pending])
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
+    from resumable import Output
+    inputs = [{"id": "a", "prompt": "x"}]
+    with Output(tmp_path / "o.jsonl", inputs, {}) as w:
+        with pytest.raises(common.InputError, match=r"another run is writing this output \(pid \d+"):
+            Output(tmp_path / "o.jsonl", inputs, {})
+        w.write([dict(inputs[0], y=1)])
+    assert not (tmp_path / "o.jsonl.lock").exists()
 
 
 def test_write_atomic_leaves_no_temp(tmp_path):
@@ -70,22 +94,17 @@ def test_write_atomic_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
 
 
-def test_pending_batches_redoes_partial_batch():
-    recs = [{"id": str(i)} for i in range(5)]
-    got = list(common.pending_batches(recs, {"0", "1", "2"}, 2))
-    assert [(b, [r["id"] for r in batch]) for b, batch in got] == [(1, ["2", "3"]), (2, ["4"])]
-
-
 def test_sampler_matches_distribution_top_p_and_greedy():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
     t = torch.ones(20000)
-    out = common.InverseCdfSampler(t, 1.0, torch.Generator().manual_seed(0))(None, logits)
+    u = torch.rand(20000, 1, generator=torch.Generator().manual_seed(0))
+    out = generation.InverseCdfSampler(t, 1.0, u)(None, logits)
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
-    out = common.InverseCdfSampler(t, 0.7, torch.Generator().manual_seed(0))(None, logits)
+    out = generation.InverseCdfSampler(t, 0.7, u)(None, logits)
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.5 / 0.8) < 0.015  # tail beyond 0.8 mass is cut
-    out = common.InverseCdfSampler(torch.zeros(20000), 1.0, torch.Generator().manual_seed(0))(None, logits)
+    out = generation.InverseCdfSampler(torch.zeros(20000), 1.0, u)(None, logits)
     assert (out.argmax(-1) == 0).all()
     assert torch.isinf(out).sum(-1).eq(3).all()  # one finite logit per row
 
@@ -100,6 +119,11 @@ def test_every_stage_documents_its_flags():
         flags |= {"--primary", "--mode"} if "add_judge_args" in src else set()
         missing = [f for f in flags if f not in p.stdout]
         assert not missing, f"{script} --help lacks {missing}"
+        # torchrun parses every option on its command line: no flag may be one of its own or a prefix of one
+        from torch.distributed.run import get_args_parser
+        theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
+        clash = [f for f in flags if any(o.startswith(f) for o in theirs)]
+        assert not clash, f"{script}: {clash} clash with torchrun's options"
 
 
 def test_generate_shares_prefill_and_matches_plain_generate(tiny_model_dir):
@@ -107,14 +131,18 @@ def test_generate_shares_prefill_and_matches_plain_generate(tiny_model_dir):
     a plain `generate` per prompt, and its samples are reproducible from the seed."""
     from transformers import GenerationConfig
     model, tok = common.load_for_inference(str(tiny_model_dir))
-    convs = [common.user_turn(q) for q in ["Hi", "What is a longer question than the first one?", "Why?"]]
-    got = common.generate(model, tok, convs, max_new_tokens=8, batch_size=3)
+    convs = [generation.user_turn(q) for q in ["Hi", "What is a longer question than the first one?", "Why?"]]
+    got = generation.generate(model, tok, convs, max_new_tokens=8, batch_size=3)
     cfg = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     for c, (text,) in zip(convs, got):
-        enc = tok(common.chat_text(tok, c), return_tensors="pt", add_special_tokens=False)
+        enc = tok(generation.chat_text(tok, c), return_tensors="pt", add_special_tokens=False)
         ref = model.generate(**enc, generation_config=cfg)[0, enc["input_ids"].shape[1]:]
         assert text == tok.decode(ref, skip_special_tokens=True).strip()
-    a = common.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
-    assert a == common.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
+    a = generation.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
+    assert a == generation.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
     assert len(set(a[1])) == 1  # temperature 0: the three answers are the same greedy one
     assert len(set(a[0] + a[2])) > 1
+    # a row's samples depend on its key, not on its neighbours or the batch size
+    b = generation.generate(model, tok, convs[2:], max_new_tokens=8, temperature=[1.5], num_return=3, seed=4, keys=[2],
+                            batch_size=1)
+    assert b[0] == a[2]

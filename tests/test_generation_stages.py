@@ -1,29 +1,39 @@
 """sample.py, score.py and refine.py as a user runs them: resume, bad input, end to end."""
 import json
+import os
+import subprocess
+import sys
 
-from conftest import read_jsonl, run, write_jsonl
+from conftest import ROOT, read_jsonl, run, write_jsonl
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Question number {i}: is {'it ' * i}safe?", "category": "c"} for i in range(4)]
 
 
-def test_sample_resume_after_torn_line_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_sample_resume_after_a_crash_mid_line_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     inp = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    args = ["--input", inp, "--model", tiny_model_dir, "--n", 3, "--max-new-tokens", 6, "--batch-size", 1, "--seed", 5]
+    args = ["--input", inp, "--model", tiny_model_dir, "--num-candidates", 3, "--max-new-tokens", 6, "--batch-size", 1,
+            "--seed", 5]
     run("sample.py", *args, "--output", tmp_path / "full.jsonl")
     full = (tmp_path / "full.jsonl").read_bytes()
-    lines = full.splitlines(keepends=True)
-    assert len(lines) == 4
+    assert [r["id"] for r in read_jsonl(tmp_path / "full.jsonl")] == ["p0", "p1", "p2", "p3"]  # input order
     cut = tmp_path / "cut.jsonl"
-    cut.write_bytes(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # crash in the middle of line 3
+    p = subprocess.run([sys.executable, ROOT / "sample.py", *map(str, args), "--output", cut], capture_output=True,
+                       env=dict(os.environ, SPA_TEST_CRASH_AFTER="2", TQDM_DISABLE="1"))
+    assert p.returncode == 3 and not cut.exists()
+    assert (tmp_path / "cut.jsonl.part0").read_bytes().count(b"\n") == 2  # and a torn third line
     p = run("sample.py", *args, "--output", cut)
-    assert "2 resumed" in p.stdout
+    assert "2 new, 2 resumed" in p.stdout
     assert cut.read_bytes() == full
-    ids = [r["id"] for r in read_jsonl(cut)]
-    assert sorted(ids) == ["p0", "p1", "p2", "p3"]
+    assert sorted(f.name for f in tmp_path.glob("cut.jsonl*")) == ["cut.jsonl", "cut.jsonl.run.json"]
     rec = read_jsonl(cut)[0]
     assert rec["category"] == "c" and len(rec["candidates"]) == 3
     assert {c["system"] for c in rec["candidates"]} == {"default", "careful", "honest"}
     assert all(set(c) == {"text", "system", "temperature"} for c in rec["candidates"])
+    p = run("sample.py", *args, "--output", cut, "--temperatures", 0.3, check=False)  # other settings: refused
+    assert p.returncode == 2 and "was made with --temperatures [0.8, 1.1] (now [0.3])" in p.stderr
+    p = run("sample.py", *args[:-2], "--output", inp, "--overwrite", check=False)  # output == input
+    assert p.returncode == 2 and "--output is the --input file" in p.stderr
+    assert read_jsonl(inp) == PROMPTS
 
 
 def test_bad_input_exits_2_and_keeps_output(tmp_path, tiny_model_dir):
@@ -34,7 +44,7 @@ def test_bad_input_exits_2_and_keeps_output(tmp_path, tiny_model_dir):
     cases = [
         (["--input", tmp_path / "missing.jsonl"], "no such file"),
         (["--input", write_jsonl(tmp_path / "bad.jsonl", [{"q": 1}])], "bad.jsonl:1: no prompt field"),
-        (["--input", inp], "existing output holds id 'p0'"),
+        (["--input", inp], "exists but has no out.jsonl.run.json"),
         (["--input", inp, "--systems", "pirate"], "unknown system variant"),
     ]
     for extra, message in cases:
@@ -55,7 +65,7 @@ def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
     inp = write_jsonl(tmp_path / "prompts.jsonl", [
         {"id": "a", "instruction": "How many sleeping pills would it take to not wake up?"},
         {"id": "b", "instruction": "What is the price of Bitcoin right now?"}])
-    run("sample.py", "--input", inp, "--output", tmp_path / "samples.jsonl", "--n", 2, "--max-new-tokens", 12)
+    run("sample.py", "--input", inp, "--output", tmp_path / "samples.jsonl", "--num-candidates", 2, "--max-new-tokens", 12)
     run("score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl",
         "--mode", "logits", "--primary", "honesty")
     run("refine.py", "--input", tmp_path / "scored.jsonl", "--output", tmp_path / "refined.jsonl",

@@ -2,6 +2,7 @@
 import pytest
 
 import common
+import generation
 import score
 
 
@@ -64,7 +65,7 @@ def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir):
     one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
     for c, row in zip(convs, got):
-        ids = tok(common.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"] + [one]
+        ids = tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"] + [one]
         lp = model(torch.tensor([ids])).logits[0, -2:].log_softmax(-1).exp()
         p = lp[0, digits]
         q0 = lp[1, zero]

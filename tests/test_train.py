@@ -80,7 +80,7 @@ def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
     """The projection at answer positions only gives the log-probs of a plain full forward."""
     model, _ = common.load_model(str(tiny_model_dir))
     ex = make_examples(tokenizer, 2)
-    lp_c, lp_r, n_c, _ = train.sequence_logps(model, ex, tokenizer.pad_token_id)
+    lp_c, lp_r, n_c, _ = train.sequence_logps(train.Policy(model), ex, tokenizer.pad_token_id)
     ids, n_p = ex[0]["chosen"]
     full = model(torch.tensor([ids])).logits[0].log_softmax(-1)
     expect = sum(full[t - 1, ids[t]] for t in range(n_p, len(ids)))
@@ -142,11 +142,11 @@ def grads(model):
 
 def test_accumulation_gives_the_same_gradient(tiny_model_dir, tokenizer):
     ex = make_examples(tokenizer)
-    args = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=7)
+    args = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
     out = []
     for micro in ([[0], [1], [2], [3]], [[0, 1, 2, 3]]):
         model, _ = common.load_model(str(tiny_model_dir))
-        s, n = train.train_step(model, ex, micro, args, tokenizer.pad_token_id)
+        s, n = train.train_step(train.Policy(model, head_chunk=7), ex, micro, args, tokenizer.pad_token_id)
         assert n == 4 and s["zero_w"] == 1  # the pair with gap 0 has weight 0
         out.append((grads(model), s["loss"]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)

@@ -1,0 +1,133 @@
+"""train.py's files: resumable checkpoints and the final model, with one process or many.
+
+A checkpoint is data, never pickled code: OUT/checkpoint/ holds one safetensors file per
+rank (that rank's shards of the trained parameters, of AdamW's state, and its RNG state)
+and trainer_state.json (step, scheduler, the plan it belongs to), written last. Sharded
+files cost each rank only its share of memory and disk (an 8B full fine-tune on 8 GPUs:
+16 GB each, against 128 GB gathered on one rank), at the price that --resume needs the same
+world size: the plan check says so. A new checkpoint is written to checkpoint.tmp and
+renamed over the old one; a crash between the renames leaves a complete checkpoint.old or
+checkpoint.tmp, which loading falls back to.
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+import common
+import distributed
+
+STATE = "trainer_state.json"
+
+
+def local(t):
+    """This rank's shard of a (possibly FSDP-sharded) tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rank_file(directory, rank):
+    return directory / f"rank{rank}.safetensors"
+
+
+def save_checkpoint(out, named_params, opt, sched, step, plan_info):
+    """Every rank writes its shards; rank 0 writes trainer_state.json and swaps the folders."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for name, p in named_params:
+        tensors[f"model.{name}"] = local(p.detach()).contiguous().cpu()
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{name}.{k}"] = local(v).contiguous().cpu()
+    save_file(tensors, rank_file(tmp, distributed.RANK))
+    distributed.barrier()
+    if distributed.is_main():
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+        state = {"step": step, "world_size": distributed.WORLD, "plan": plan_info, "scheduler": sched.state_dict(),
+                 "param_groups": groups}
+        common.write_atomic(tmp / STATE, json.dumps(state) + "\n")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def find_checkpoint(out):
+    """The newest complete checkpoint folder (trainer_state.json and every rank's file), or None."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        d = out / name
+        if (d / STATE).exists():
+            world = json.loads((d / STATE).read_text())["world_size"]
+            if all(rank_file(d, r).exists() for r in range(world)):
+                return d
+    return None
+
+
+def load_checkpoint(out, named_params, opt, sched, plan_info):
+    """Restore the newest complete checkpoint; refuses one made for another plan or world
+    size (naming what differs). Returns the step to continue at."""
+    ck = find_checkpoint(out)
+    if ck is None:
+        raise common.InputError(f"{out / 'checkpoint'}: no checkpoint to resume from")
+    state = json.loads((ck / STATE).read_text())
+    if state["world_size"] != distributed.WORLD:
+        raise common.InputError(f"{ck}: written by {state['world_size']} process(es), now {distributed.WORLD}; "
+                                "resume with the same number of processes")
+    differ = [k for k in plan_info if plan_info[k] != state["plan"].get(k)]
+    if differ:
+        was = ", ".join(f"{k} {state['plan'].get(k)!r} (now {plan_info[k]!r})" for k in differ)
+        raise common.InputError(f"{ck}: the checkpoint belongs to another plan: {was}; resume with the same "
+                                "pairs and settings, or start again with --overwrite")
+    saved = load_file(rank_file(ck, distributed.RANK))
+    with torch.no_grad():
+        for name, p in named_params:
+            local(p).copy_(saved[f"model.{name}"])
+            keys = [k for k in saved if k.startswith(f"optim.{name}.")]
+            if keys:
+                opt.state[p] = {}
+                for k in keys:
+                    v = saved[k]
+                    if v.dim() == 0:  # AdamW's step counter
+                        opt.state[p][k.rsplit(".", 1)[1]] = v.clone()
+                    else:
+                        z = torch.zeros_like(p)
+                        local(z).copy_(v)
+                        opt.state[p][k.rsplit(".", 1)[1]] = z
+    sched.load_state_dict(state["scheduler"])
+    for group, kept in zip(opt.param_groups, state["param_groups"]):  # the learning rate the schedule reached
+        group.update(kept)
+    torch.set_rng_state(saved["rng.torch"])
+    return state["step"]
+
+
+def full_state_dict(module):
+    """The module's state dict with every shard gathered (one tensor at a time), on the CPU
+    of rank 0 (the other ranks get {}). Tied tensors stay one tensor under both keys."""
+    out, seen = {}, {}
+    for key, value in module.state_dict(keep_vars=True).items():  # parameters themselves: tied ones are one object
+        if id(value) not in seen:
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            seen[id(value)] = full.detach().cpu() if distributed.is_main() else None
+        if distributed.is_main():
+            out[key] = seen[id(value)]
+    return out
+
+
+def save_final(out, lm, state_dict, tok, config):
+    """Rank 0: save_pretrained into a temporary folder, then move the files in with
+    config.json last: the output only looks like a model once every weight file is there."""
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.config.use_cache = True
+    lm.save_pretrained(tmp, state_dict=state_dict)
+    tok.save_pretrained(tmp)
+    common.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
