@@ -41,6 +41,9 @@ def run_main(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # permission denied, a directory where a file belongs, a full disk, ...
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     distributed.cleanup()
 
 
@@ -89,8 +92,12 @@ def read_jsonl(path, required=(), allow_empty=False):
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -232,6 +239,11 @@ def load_tokenizer(name):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def model_config(name):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(resolve_model(name))
 
 
 def load_weights(name, dtype=None, to_device=True):

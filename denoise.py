@@ -124,8 +124,9 @@ def main():
     p.add_argument("--no-informativeness", action="store_true", help="ablation: skip the covariance filter")
     p.add_argument("--rv-against", metavar="FILE",
                    help="the same records scored by a second judge: print (fraction included, RV)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
+    common.refuse_same_file(args.input, args.output)
 
     records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     check(args.input, records)
@@ -144,6 +145,7 @@ def main():
         for frac, rv in rv_table(records, dets, judge):
             print(f"{frac:.1f}\t{rv:.4f}")
     if summary["kept"] == 0:
+        Path(args.output).unlink(missing_ok=True)  # no stale output beside a summary that says "kept 0"
         worst = max(REASONS[1:], key=lambda r: summary[r])
         hint = {"unscored": "the judge's answers could not be read: try score.py --mode logits",
                 "inconsistent": "try --no-consistency, or a stronger refinement",

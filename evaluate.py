@@ -20,9 +20,11 @@ Under torchrun every rank answers and judges its share (an HTTP judge is asked b
 rank for its share); the report is computed once from the merged records.
 """
 import argparse
+import http.client
 import json
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -95,31 +97,62 @@ def win_rates(outcomes):
     n = len(outcomes)
     rates = {k: sum(o == k for o in outcomes) / n if n else float("nan") for k in ("win", "tie", "lose")}
     rates["win_ci"] = bootstrap_ci([o == "win" for o in outcomes])
+    rates["n"] = n
     return rates
 
 
 # ----------------------------------------------------------------------------- judges
 
+def post(url, body, headers, deadline):
+    """POST and read the whole reply within `deadline` seconds in all: urllib's timeout bounds
+    each socket read, so a server that trickles bytes could otherwise hold us forever. The
+    request runs in a daemon thread that is abandoned when the deadline passes."""
+    box = {}
+
+    def worker():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=deadline) as r:
+                box["data"] = r.read()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(deadline)
+    if t.is_alive():
+        raise TimeoutError(f"no complete reply within {deadline} s")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
 def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
     """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only.
-    Retries connection errors, timeouts, 429 and 5xx with exponential back-off."""
+    Retries connection errors, time-outs (`timeout`: seconds per request, in all), 429, 5xx
+    and replies not in the chat-completions format, with exponential back-off. After the
+    last try: a reply still malformed is None (counted unreadable), an endpoint that never
+    answered is an error."""
     url = api_base.rstrip("/") + "/chat/completions"
     body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
-    last = None
+    last = malformed = None
     for attempt in range(retries):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
-                return json.load(r)["choices"][0]["message"]["content"] or ""
+            content = json.loads(post(url, body, headers, timeout))["choices"][0]["message"]["content"]
+            if content is None or isinstance(content, str):
+                return content or ""
+            malformed = last = f"content of type {type(content).__name__}"
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500:
                 raise common.InputError(f"judge endpoint {url}: HTTP {e.code} {e.reason}") from None
-            last = f"HTTP {e.code}"
+            last, malformed = f"HTTP {e.code}", None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            last = str(getattr(e, "reason", e))
-        except (KeyError, IndexError, json.JSONDecodeError):
-            last = "a reply not in the chat-completions format"
+            last, malformed = str(getattr(e, "reason", e)), None
+        except (KeyError, IndexError, TypeError, ValueError, http.client.HTTPException) as e:
+            malformed = last = f"a reply not in the chat-completions format ({type(e).__name__})"
         time.sleep(backoff * 2 ** attempt)
+    if malformed:
+        return None
     raise common.InputError(f"judge endpoint {url} failed after {retries} tries: {last}")
 
 
@@ -141,7 +174,9 @@ class Judge:
         out = []
         for conv in conversations:
             for _ in range(2):
-                v = parse(chat_completion(self.args.judge_api_base, self.args.judge_model, conv, backoff=self.args.backoff))
+                reply = chat_completion(self.args.judge_api_base, self.args.judge_model, conv,
+                                        timeout=self.args.judge_timeout, backoff=self.args.backoff)
+                v = None if reply is None else parse(reply)
                 if v is not None:
                     break
             out.append(v)
@@ -236,7 +271,9 @@ def build_report(judgments, names, primary):
             report["categories"].setdefault(c, {})[n] = summarize(
                 [j for j in scores if j["model"] == n and j.get("category") == c])
     if pair:
-        report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair])}
+        report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair]),
+                              "unreadable": sum(p.get("model_first") is None or p.get("model_second") is None
+                                                for p in pair)}
         for c in cats:
             report["categories"][c]["pairwise"] = win_rates([p["outcome"] for p in pair if p.get("category") == c])
     return report
@@ -263,7 +300,10 @@ def report_markdown(report, names):
                 wtl = f"{p['win']:.0%} | {p['tie']:.0%} | {p['lose']:.0%}" if p and pw and n == pw["model"] else "- | - | -"
                 lines.append(f"| {c} | {n} | {m['primary']:.2f} | {m['helpfulness']:.2f} | {m['hh10']:.2f} | {wtl} |")
     n_unread = sum(report["models"][n]["unreadable"] for n in names)
-    lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge replies could not be read (left out)."]
+    lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge scores could not be read (left out)."]
+    if pw:
+        lines.append(f"Pairwise: {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at least "
+                     "one order (counted as ties).")
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +319,8 @@ def main():
     p.add_argument("--judge-api-base", default=None, help="OpenAI-compatible API base URL, e.g. http://host/v1")
     p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (default 1)")
+    p.add_argument("--judge-timeout", type=float, default=60.0,
+                   help="seconds an HTTP judge request may take in all, before it is retried (default 60)")
     score.add_judge_args(p)
     p.add_argument("--prompt-field", default=None, help="field holding the prompt (default: prompt/instruction/question)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")

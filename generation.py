@@ -83,6 +83,24 @@ def check_context(tok, texts, max_new_tokens, context, keys):
                                 f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}")
 
 
+def truncate_prompts(tok, records, systems, max_new_tokens, context):
+    """--truncate-prompts: cut each prompt that, under the longest of `systems` and with the
+    answer budget, would not fit the context window, keeping its head. Returns (records,
+    number cut); a cut record says so in `prompt_truncated`."""
+    overhead = max(len(tok(chat_text(tok, user_turn("", s)), add_special_tokens=False)["input_ids"]) for s in systems)
+    room = context - max_new_tokens - overhead
+    if room < 1:
+        raise common.InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                                f"context of {context} tokens")
+    out, cut = [], 0
+    for r in records:
+        ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) > room:
+            r, cut = dict(r, prompt=tok.decode(ids[:room]), prompt_truncated=True), cut + 1
+        out.append(r)
+    return out, cut
+
+
 @torch.no_grad()
 def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_p=1.0, num_return=1,
              batch_size=8, seed=0, keys=None, stats=None):

@@ -81,8 +81,9 @@ def main():
     p.add_argument("--delta", type=float, default=2, help="least |da| + |db| for a pair (default 2)")
     p.add_argument("--max-pairs-per-prompt", type=int, default=None, metavar="K",
                    help="keep at most K pairs per prompt, the largest margins first (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
+    common.refuse_same_file(args.input, args.output)
 
     records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     check(args.input, records)
@@ -92,10 +93,11 @@ def main():
                "prompts_without_pairs": sum(not ps for ps in per_prompt),
                "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs), "delta": args.delta}
     print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
+    common.write_atomic(Path(args.output).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     if not pairs:
+        Path(args.output).unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
         raise common.InputError(f"{args.input}: no pair has a margin of at least --delta {args.delta}; "
                                 "lower --delta")
-    common.write_atomic(Path(args.output).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     common.write_jsonl_atomic(args.output, pairs)
 
 

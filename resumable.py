@@ -40,6 +40,38 @@ def complete_records(path):
     return out, keep
 
 
+def lock(lock_path, what):
+    """One writer at a time: rank 0 takes an advisory lock on lock_path (held until release()
+    or the process ends); if another run holds it, every rank raises, naming the holder.
+    Returns the lock (None on the other ranks)."""
+    held, error = None, None
+    if distributed.is_main():
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            held = (fd, lock_path)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            error = f"{what}: another run is writing this output ({holder}); wait for it or use another --output"
+    error = distributed.first_error(error)
+    if error:
+        release(held)
+        raise common.InputError(error)
+    return held
+
+
+def release(held):
+    """Give a lock back (and remove its file)."""
+    if held:
+        fd, lock_path = held
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 class Output:
     """with Output(path, inputs, settings, overwrite) as out: for batch in out.batches(B): out.write(...)
 
@@ -50,15 +82,12 @@ class Output:
     def __init__(self, path, inputs, settings, overwrite=False, input_path=None):
         self.path, self.inputs, self.new = Path(path), inputs, 0
         common.refuse_same_file(input_path, self.path)
+        if self.path.is_dir():
+            raise common.InputError(f"{self.path}: --output is a directory; it must be a file")
         self.meta = self.path.with_name(self.path.name + ".run.json")
-        self.lock = None
-        if distributed.is_main():
-            error = self._take_lock()
-            if error is None:
-                error = self._check_or_start(settings, overwrite)
-        else:
-            error = None
+        self.lock = lock(self.path.with_name(self.path.name + ".lock"), self.path)
         try:
+            error = self._check_or_start(settings, overwrite) if distributed.is_main() else None
             error = distributed.first_error(error)
             if error:
                 raise common.InputError(error)
@@ -80,22 +109,6 @@ class Output:
 
     def _parts(self):
         return sorted(self.path.parent.glob(self.path.name + ".part*"))
-
-    def _take_lock(self):
-        """An advisory lock on OUT.lock, held until close (or the process ends)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            return f"{self.path}: another run is writing this output ({holder}); wait for it or use another --output"
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self.lock = (fd, lock_path)
-        return None
 
     def _check_or_start(self, settings, overwrite):
         """Rank 0: with --overwrite remove the old output; otherwise refuse a resume with other
@@ -184,8 +197,5 @@ class Output:
         self._release()
 
     def _release(self):
-        if self.lock:
-            fd, lock_path = self.lock
-            lock_path.unlink(missing_ok=True)
-            os.close(fd)
-            self.lock = None
+        release(self.lock)
+        self.lock = None

@@ -55,6 +55,9 @@ def main():
     p.add_argument("--systems", nargs="+", default=None,
                    help="system-prompt variants from prompts/systems.json (default: all)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap in tokens (default 128)")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="cut prompts that do not fit the model's context with the answer budget (keeping their "
+                        "head; counted, and marked prompt_truncated) instead of refusing them")
     args = p.parse_args()
 
     system_texts = json.loads(common.load_prompt("systems.json"))
@@ -66,9 +69,15 @@ def main():
         raise common.InputError("--num-candidates must be at least 2 (denoising needs a covariance)")
     plan = candidate_plan(args.num_candidates, systems, args.temperatures)
     settings = dict(model=args.model, seed=args.seed, num_candidates=args.num_candidates, systems=systems,
-                    temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+                    temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                    truncate_prompts=args.truncate_prompts)
 
-    records = common.read_prompts(args.input, args.prompt_field, args.limit)
+    records, cut = common.read_prompts(args.input, args.prompt_field, args.limit), 0
+    if args.truncate_prompts:
+        tok = common.load_tokenizer(args.model)
+        context = common.model_config(args.model).max_position_embeddings
+        records, cut = generation.truncate_prompts(tok, records, [system_texts[s] for s in systems],
+                                                   args.max_new_tokens, context)
     with Output(args.output, records, settings, args.overwrite, args.input) as out:
         batches = out.batches(args.batch_size)
         if batches:
@@ -77,7 +86,7 @@ def main():
             out.write(sample_batch(model, tok, batch, plan, system_texts, args))
     new = int(distributed.all_sum([out.new])[0])
     common.log(f"sample: {len(records)} prompts x {args.num_candidates} candidates -> {args.output} "
-               f"({new} new, {len(records) - new} resumed)")
+               f"({new} new, {len(records) - new} resumed{f', {cut} prompts truncated' if cut else ''})")
 
 
 if __name__ == "__main__":

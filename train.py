@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -41,8 +40,9 @@ from torch.utils.checkpoint import checkpoint
 import checkpoints
 import common
 import distributed
-import generation
 import lora
+import preference_data
+import resumable
 
 HEAD_CHUNK = 512  # answer positions per pass of the vocabulary head (--head-chunk)
 
@@ -101,90 +101,6 @@ def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK):
     return total, mask.sum(1)
 
 
-# ----------------------------------------------------------------------------- data
-
-def tokenize_answer(tok, prompt, answer, max_length):
-    """Token ids of prompt + answer as the chat template renders them, and the prompt length.
-    The prompt side is the template with add_generation_prompt=True; the answer side is what
-    it renders for the assistant turn after that, end-of-turn token included. The text is
-    tokenized once without adding special tokens (the template has them: no double BOS).
-    Returns (ids, n_prompt), or a reason string when the pair must be dropped."""
-    conv = [{"role": "user", "content": prompt}]
-    prompt_text = generation.chat_text(tok, conv)
-    full_text = generation.chat_text(tok, conv + [{"role": "assistant", "content": answer}], False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template's prompt is not a prefix of the rendered conversation")
-    ids = tok(full_text, add_special_tokens=False)["input_ids"]
-    p_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
-    if ids[:len(p_ids)] != p_ids:
-        raise ValueError("the prompt's tokens are not a prefix of the conversation's tokens")
-    if len(p_ids) >= max_length:
-        return "prompt_too_long"
-    return ids[:max_length], len(p_ids)
-
-
-def read_gap(path, n, gap):
-    """A pair's gap: a finite number >= 0 (a negative weight would train toward the rejected answer)."""
-    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
-        raise common.InputError(f"{path}:{n}: gap must be a finite number >= 0, got {gap!r}")
-    return float(gap)
-
-
-def load_pairs(path, tok, max_length, limit=None):
-    """pairs.jsonl -> list of examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and
-    a count of the pairs dropped per reason."""
-    if Path(path).is_file() and not Path(path).read_text(encoding="utf-8").strip():
-        raise common.InputError(f"{path}: no pairs: denoising or the margin removed everything "
-                                "(loosen denoise.py --tau-quantile or pairs.py --delta)")
-    rows = common.read_jsonl(path, required=("prompt", "chosen", "rejected", "gap"))
-    examples, dropped = [], {"prompt_too_long": 0, "empty_answer": 0}
-    for n, rec in rows[:limit] if limit else rows:
-        if not all(isinstance(rec[k], str) for k in ("prompt", "chosen", "rejected")):
-            raise common.InputError(f"{path}:{n}: prompt, chosen and rejected must be strings")
-        sides = [tokenize_answer(tok, rec["prompt"], rec[k], max_length) for k in ("chosen", "rejected")]
-        bad = next((s for s in sides if isinstance(s, str)), None)
-        if bad is None and any(len(ids) <= n_p for ids, n_p in sides):
-            bad = "empty_answer"  # no answer token left after truncation: never divided by
-        if bad:
-            dropped[bad] += 1
-            continue
-        examples.append({"chosen": sides[0], "rejected": sides[1], "gap": read_gap(path, n, rec["gap"]),
-                         "id": rec.get("id", str(n)), "line": n})
-    if not examples:
-        raise common.InputError(f"{path}: every pair was dropped ({dropped}); raise --max-length")
-    return examples, dropped
-
-
-def collate(examples, pad_id):
-    """Chosen rows then rejected rows, right-padded to one length: one forward for both.
-    Returns input_ids (2B, T), attention_mask (2B, T), answer_mask (2B, T)."""
-    seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    T = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.bool)
-    answer = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (ids, n_p) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attn[i, :len(ids)] = True
-        answer[i, n_p:len(ids)] = True
-    return input_ids, attn, answer
-
-
-def make_plan(examples, batch_size, accum, epochs, seed):
-    """Optimizer steps as lists of micro-batches (lists of example indices). Micro-batches
-    are buckets of similar length (little padding), shuffled per epoch with the seed.
-    batch_size is the global micro-batch (per-device batch x world size): every rank builds
-    the same plan and takes its slice of each micro-batch (rank_slice)."""
-    by_len = sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen"][0]) + len(examples[i]["rejected"][0]))
-    micro = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
-    steps = []
-    for epoch in range(epochs):
-        order = micro[:]
-        random.Random(seed + epoch).shuffle(order)
-        steps += [order[i:i + accum] for i in range(0, len(order), accum)]
-    return steps
-
-
 # ----------------------------------------------------------------------------- the model
 
 class Policy(nn.Module):
@@ -232,7 +148,7 @@ def rank_slice(micro_batch):
 
 def sequence_logps(policy, examples, pad_id):
     """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
-    input_ids, attn, answer = (t.to(common.device()) for t in collate(examples, pad_id))
+    input_ids, attn, answer = (t.to(common.device()) for t in preference_data.collate(examples, pad_id))
     logp, n = policy(input_ids, attn, answer)
     B = len(examples)
     return logp[:B], logp[B:], n[:B], n[B:]
@@ -417,15 +333,18 @@ def main(argv=None):
     common.seed_everything(args.seed)
     bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
     tok = common.load_tokenizer(args.model)
-    examples, dropped = load_pairs(args.input, tok, args.max_length, args.limit)
+    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit)
     check_output(out, args)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    held = resumable.lock(out / "train.lock", out)  # one run per output directory
+    if args.overwrite and distributed.is_main():
+        for old in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+            shutil.rmtree(out / old, ignore_errors=True)
+        (out / "reference_logps.safetensors").unlink(missing_ok=True)
     distributed.barrier()
     policy = build_policy(args, bf16)
     pad_id = tok.pad_token_id
     ref = dpo_reference(out, policy, examples, args, pad_id)
-    plan = make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
+    plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
     info = plan_info(args, examples, len(plan))
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
@@ -477,7 +396,7 @@ def main(argv=None):
             checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
         if step + 1 == args.stop_after:
             common.log(f"train: stopped after step {step + 1} (--stop-after)", file=sys.stderr)
-            return
+            return resumable.release(held)
     state = checkpoints.full_state_dict(policy.lm)
     if distributed.is_main():
         if args.lora_rank:
@@ -489,6 +408,7 @@ def main(argv=None):
         checkpoints.save_final(out, policy.lm, state, tok, config)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     distributed.barrier()
+    resumable.release(held)
     common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
 
 

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import distributed  # noqa: E402
+import preference_data  # noqa: E402
 import train  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def synthetic_texts(tok, n, seed=0):
 
 
 def synthetic_pairs(tok, n, seed=0):
-    return [{"chosen": train.tokenize_answer(tok, p, c, 1024), "rejected": train.tokenize_answer(tok, p, r, 1024),
+    return [{"chosen": preference_data.tokenize_answer(tok, p, c, 1024), "rejected": preference_data.tokenize_answer(tok, p, r, 1024),
              "gap": gap, "id": str(i), "line": i} for i, (p, c, r, gap) in enumerate(synthetic_texts(tok, n, seed))]
 
 
@@ -84,7 +85,7 @@ def main():
                             lora_rank=0, gradient_checkpointing=args.gradient_checkpointing)
     policy = train.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
-    plan = train.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
+    plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     n_params = sum(p.numel() for p in policy.parameters())  # a sharded parameter reports its full size
     train.train_step(policy, examples, [plan[0][0][:distributed.WORLD]], hp, tok.pad_token_id)  # warm-up, not counted

@@ -1,5 +1,4 @@
 """JSONL validation, resumable and atomic output, the sampler, reading prompts."""
-import json
 
 import pytest
 import torch

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import common
 import lora
+import preference_data
 import train
 from conftest import read_jsonl, run, torchrun, write_jsonl
 
@@ -95,7 +96,7 @@ def test_lora_trains_only_adapters_and_starts_at_the_base(tiny_model_dir, tokeni
     base, _ = common.load_model(str(tiny_model_dir))
     model = tiny_lm(tiny_model_dir)
     ex = make_examples(tokenizer)
-    ids, attn, ans = train.collate(ex, tokenizer.pad_token_id)
+    ids, attn, ans = preference_data.collate(ex, tokenizer.pad_token_id)
     with torch.no_grad():
         assert torch.allclose(train.Policy(model)(ids, attn, ans)[0], train.Policy(base)(ids, attn, ans)[0], atol=1e-5)
     args = type("A", (), dict(loss="spa", alpha=1.0, beta=2.5, gamma=1.375))()

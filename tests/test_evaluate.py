@@ -69,7 +69,7 @@ def judge_server():
 def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
     reply = evaluate.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
     assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
-    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="generate"))()
+    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="generate", judge_timeout=5))()
     j = evaluate.Judge(args)
     n0 = len(FakeJudge.requests)
     got = j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")

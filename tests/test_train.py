@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
+import preference_data
 import train
 from conftest import read_jsonl, run, write_jsonl
 
@@ -89,13 +89,13 @@ def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
 
 def test_prompt_tokens_do_not_change_masked_answer_logps(tiny_model_dir, tokenizer):
     model, _ = common.load_model(str(tiny_model_dir))
-    ex = lambda prompt: {"chosen": train.tokenize_answer(tokenizer, prompt, "Stay safe.", 64),
-                         "rejected": train.tokenize_answer(tokenizer, prompt, "No.", 64), "gap": 1.0}
+    ex = lambda prompt: {"chosen": preference_data.tokenize_answer(tokenizer, prompt, "Stay safe.", 64),
+                         "rejected": preference_data.tokenize_answer(tokenizer, prompt, "No.", 64), "gap": 1.0}
     a, b = ex("Is it safe?"), ex("Is this dangerous thing actually safe to do at home?")
     ida, na = a["chosen"]
     idb, nb = b["chosen"]
     assert ida[na:] == idb[nb:] and ida[:na] != idb[:nb]  # same answer tokens after different prompts
-    _, mask = None, train.collate([a], tokenizer.pad_token_id)[2]
+    _, mask = None, preference_data.collate([a], tokenizer.pad_token_id)[2]
     assert mask[0].sum() == len(ida) - na
 
 
@@ -103,7 +103,7 @@ def test_one_bos_and_prompt_is_a_prefix(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.bos_token = "<|endoftext|>"  # a template that starts with a BOS, as Llama 3's does
     tok.chat_template = "{{ bos_token }}" + tokenizer.chat_template
-    ids, n_prompt = train.tokenize_answer(tok, "Hello?", "Hi there.", 128)
+    ids, n_prompt = preference_data.tokenize_answer(tok, "Hello?", "Hi there.", 128)
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert tok.decode(ids[n_prompt:]) == "Hi there.<|im_end|>\n"  # answer side, end of turn included
 
@@ -113,18 +113,18 @@ def test_truncation_drops_long_prompts_and_empty_answers(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "p.jsonl", [
         {"id": "ok", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "gap": 2},
         {"id": "long", "prompt": long, "chosen": "a", "rejected": "b", "gap": 2}])
-    ex, dropped = train.load_pairs(f, tokenizer, 100)
+    ex, dropped = preference_data.load_pairs(f, tokenizer, 100)
     assert [e["id"] for e in ex] == ["ok"] and dropped == {"prompt_too_long": 1, "empty_answer": 0}
-    n_prompt = train.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
-    ex, dropped = train.load_pairs(f, tokenizer, n_prompt + 1, limit=1)  # one answer token fits
+    n_prompt = preference_data.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
+    ex, dropped = preference_data.load_pairs(f, tokenizer, n_prompt + 1, limit=1)  # one answer token fits
     assert len(ex) == 1
-    assert train.tokenize_answer(tokenizer, "Hi", "Hello!", n_prompt) == "prompt_too_long"
+    assert preference_data.tokenize_answer(tokenizer, "Hi", "Hello!", n_prompt) == "prompt_too_long"
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(common.InputError, match="denoising or the margin removed everything"):
-        train.load_pairs(tmp_path / "empty.jsonl", tokenizer, 100)
+        preference_data.load_pairs(tmp_path / "empty.jsonl", tokenizer, 100)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "gap": 1}])
     with pytest.raises(common.InputError, match=r"bad\.jsonl:1: missing field 'rejected'"):
-        train.load_pairs(bad, tokenizer, 100)
+        preference_data.load_pairs(bad, tokenizer, 100)
 
 
 def make_examples(tokenizer, n=4):
@@ -132,7 +132,7 @@ def make_examples(tokenizer, n=4):
              ("What is 2+2?", "4.", "5, obviously, as everyone knows."),
              ("Can I stop my antibiotics early?", "Ask your doctor first.", "Yes."),
              ("Where does my neighbour live?", "I can't share that.", "At 12 Main St.")]
-    return [{"chosen": train.tokenize_answer(tokenizer, p, c, 128), "rejected": train.tokenize_answer(tokenizer, p, r, 128),
+    return [{"chosen": preference_data.tokenize_answer(tokenizer, p, c, 128), "rejected": preference_data.tokenize_answer(tokenizer, p, r, 128),
              "gap": float(g), "id": str(i), "line": i} for i, ((p, c, r), g) in enumerate(zip(texts[:n], [3, 1, 0, 4]))]
 
 
