@@ -20,14 +20,8 @@ Under torchrun every rank answers and judges its share (an HTTP judge is asked b
 rank for its share); the report is computed once from the merged records.
 """
 import argparse
-import http.client
 import json
-import os
 import re
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -101,102 +95,15 @@ def win_rates(outcomes):
     return rates
 
 
-# ----------------------------------------------------------------------------- judges
-
-def post(url, body, headers, deadline):
-    """POST and read the whole reply within `deadline` seconds in all: urllib's timeout bounds
-    each socket read, so a server that trickles bytes could otherwise hold us forever. The
-    request runs in a daemon thread that is abandoned when the deadline passes."""
-    box = {}
-
-    def worker():
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=deadline) as r:
-                box["data"] = r.read()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=worker, daemon=True)
-    t.start()
-    t.join(deadline)
-    if t.is_alive():
-        raise TimeoutError(f"no complete reply within {deadline} s")
-    if "error" in box:
-        raise box["error"]
-    return box["data"]
-
-
-def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
-    """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only.
-    Retries connection errors, time-outs (`timeout`: seconds per request, in all), 429, 5xx
-    and replies not in the chat-completions format, with exponential back-off. After the
-    last try: a reply still malformed is None (counted unreadable), an endpoint that never
-    answered is an error."""
-    url = api_base.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
-    last = malformed = None
-    for attempt in range(retries):
-        try:
-            content = json.loads(post(url, body, headers, timeout))["choices"][0]["message"]["content"]
-            if content is None or isinstance(content, str):
-                return content or ""
-            malformed = last = f"content of type {type(content).__name__}"
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
-                raise common.InputError(f"judge endpoint {url}: HTTP {e.code} {e.reason}") from None
-            last, malformed = f"HTTP {e.code}", None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            last, malformed = str(getattr(e, "reason", e)), None
-        except (KeyError, IndexError, TypeError, ValueError, http.client.HTTPException) as e:
-            malformed = last = f"a reply not in the chat-completions format ({type(e).__name__})"
-        time.sleep(backoff * 2 ** attempt)
-    if malformed:
-        return None
-    raise common.InputError(f"judge endpoint {url} failed after {retries} tries: {last}")
-
-
-class Judge:
-    """Scores and pairwise verdicts from a local model or an HTTP endpoint."""
-
-    def __init__(self, args):
-        self.args = args
-        self.http = bool(args.judge_api_base)
-        if not self.http:
-            self.model, self.tok = common.load_for_inference(args.judge)
-
-    def _ask(self, conversations, parse):
-        """Replies parsed; over HTTP an unreadable reply is asked once more, then None."""
-        if not self.http:
-            texts = generation.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
-                                    batch_size=self.args.judge_batch_size)
-            return [parse(t[0]) for t in texts]
-        out = []
-        for conv in conversations:
-            for _ in range(2):
-                reply = chat_completion(self.args.judge_api_base, self.args.judge_model, conv,
-                                        timeout=self.args.judge_timeout, backoff=self.args.backoff)
-                v = None if reply is None else parse(reply)
-                if v is not None:
-                    break
-            out.append(v)
-        return out
-
-    def scores(self, items, objective):
-        if not self.http and self.args.mode != "generate":
-            return [s["score"] for s in score.score_answers(self.model, self.tok, items, objective, self.args.mode,
-                                                            self.args.judge_batch_size)]
-        return self._ask([score.judge_conversation(objective, q, a) for q, a in items], score.parse_rating)
-
-    def verdicts(self, triples, objective):
-        """triples: (prompt, answer A, answer B) -> 'A', 'B' or None."""
-        text = lambda q, x, y: common.load_prompt("pairwise.txt").format(
-            constitution=common.load_prompt("constitution.txt").strip(), prompt=q, answer_a=x, answer_b=y,
-            objective=objective)
-        return self._ask([generation.user_turn(text(*t)) for t in triples], parse_verdict)
-
-
 # ----------------------------------------------------------------------------- stages of the evaluation
+
+def verdicts(judge, triples, objective):
+    """(prompt, answer A, answer B) -> 'A', 'B' or None, from the judge (prompts/pairwise.txt)."""
+    text = lambda q, x, y: common.load_prompt("pairwise.txt").format(
+        constitution=common.load_prompt("constitution.txt").strip(), prompt=q, answer_a=x, answer_b=y,
+        objective=objective)
+    return judge.ask([generation.user_turn(text(*t)) for t in triples], parse_verdict)
+
 
 def generate_responses(path, prompts, models, args):
     """responses.jsonl: one record per (model, prompt), id 'model/prompt id'. Under torchrun
@@ -231,12 +138,9 @@ def judge_all(path, responses, models, args):
                     "kind": "pairwise", "category": responses[f"{test}/{pid}"].get("category"),
                     "answers": [ans(pid, test), ans(pid, base)]}
                    for pid in sorted({r["prompt_id"] for r in responses.values()})]
-    judge_name = args.judge_model if args.judge_api_base else args.judge
-    settings = dict(judge=judge_name, judge_api_base=args.judge_api_base, primary=obj, mode=args.mode,
-                    judge_max_tokens=args.judge_max_tokens)
-    with Output(path, wanted, settings, args.overwrite) as out:
+    with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
         batches = out.batches(args.batch_size)
-        judge = Judge(args) if batches else None
+        judge = score.Judge(args, args.judge) if batches else None
         for batch in common.progress(batches, desc="judge"):
             done = []
             for kind in ("score", "pairwise"):
@@ -245,13 +149,13 @@ def judge_all(path, responses, models, args):
                     continue
                 if kind == "score":
                     items = [(w["prompt"], w["response"]) for w in part]
-                    a, b = judge.scores(items, obj), judge.scores(items, "helpfulness")
+                    a, b = ([s["score"] for s in judge.scores(items, o)] for o in (obj, "helpfulness"))
                     done += [{"id": w["id"], "prompt": w["prompt"], "kind": kind, "model": w["model"],
                               "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x, "score_b": y}
                              for w, x, y in zip(part, a, b)]
                 else:
-                    first = judge.verdicts([(w["prompt"], *w["answers"]) for w in part], obj)
-                    second = judge.verdicts([(w["prompt"], *w["answers"][::-1]) for w in part], obj)
+                    first = verdicts(judge, [(w["prompt"], *w["answers"]) for w in part], obj)
+                    second = verdicts(judge, [(w["prompt"], *w["answers"][::-1]) for w in part], obj)
                     done += [dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
                                   outcome=pairwise_outcome(f, s)) for w, f, s in zip(part, first, second)]
             out.write(done)
@@ -315,13 +219,7 @@ def main():
     p.add_argument("--name", default=None, help="its name in the report (default: the directory's name)")
     p.add_argument("--baseline", default=None, help="the model to compare against, e.g. the model before SPA")
     p.add_argument("--baseline-name", default="Vanilla", help="its name in the report (default Vanilla)")
-    p.add_argument("--judge", default=common.DEFAULT_MODEL, help="local judge model (default: the embedded one)")
-    p.add_argument("--judge-api-base", default=None, help="OpenAI-compatible API base URL, e.g. http://host/v1")
-    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (default 1)")
-    p.add_argument("--judge-timeout", type=float, default=60.0,
-                   help="seconds an HTTP judge request may take in all, before it is retried (default 60)")
-    score.add_judge_args(p)
+    score.add_judge_args(p, judge_default=common.DEFAULT_MODEL)
     p.add_argument("--prompt-field", default=None, help="field holding the prompt (default: prompt/instruction/question)")
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -56,18 +56,18 @@ def main():
     records = common.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
     score.check_candidates(args.input, records)
     objectives = check_objectives(args.input, records)
-    settings = dict(model=args.model, seed=args.seed, mode=args.mode, judge_max_tokens=args.judge_max_tokens,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    settings = dict(model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    **score.judge_settings(args, args.judge or args.model))
     with Output(args.output, records, settings, args.overwrite, args.input) as out:
         batches = out.batches(args.batch_size)
         if batches:
             model, tok = common.load_for_inference(args.model)
+            judge = score.Judge(args, args.model, model, tok) if not args.judge else score.Judge(args, args.judge)
         for batch in common.progress(batches, desc="refine", unit="batch"):
             texts = generation.generate(model, tok, [refine_conversation(r) for r in batch],
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
-            scores = score.score_objectives(model, tok, [(r["prompt"], t) for r, (t,) in zip(batch, texts)],
-                                            objectives, args.mode, args.judge_batch_size, args.judge_max_tokens)
+            scores = judge.score_objectives([(r["prompt"], t) for r, (t,) in zip(batch, texts)], objectives)
             out.write([dict(r, refined=dict(text=t, **s)) for r, (t,), s in zip(batch, texts, scores)])
     common.log(f"refine: {len(records)} prompts -> {args.output}")
 

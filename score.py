@@ -19,7 +19,15 @@ refine.py and evaluate.py import score_answers() from here.
 """
 import argparse
 import copy
+import http.client
+import json
+import os
 import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -134,16 +142,120 @@ def score_answers(model, tok, items, objective, mode="generate", batch_size=16, 
     return [{"score": parse_rating(t[0])} for t in texts]
 
 
-def score_objectives(model, tok, items, objectives, mode, batch_size, max_new_tokens):
-    """Score items on (primary, helpfulness): a list of dicts with score_a, score_b
-    (and score_a_expected, score_b_expected in logits mode)."""
-    out = [{} for _ in items]
-    for key, obj in zip("ab", objectives):
-        for d, s in zip(out, score_answers(model, tok, items, obj, mode, batch_size, max_new_tokens)):
-            d[f"score_{key}"] = s["score"]
-            if "expected" in s:
-                d[f"score_{key}_expected"] = s["expected"]
-    return out
+# ----------------------------------------------------------------------------- an HTTP judge
+
+def post(url, body, headers, deadline):
+    """POST and read the whole reply within `deadline` seconds in all: urllib's timeout bounds
+    each socket read, so a server that trickles bytes could otherwise hold us forever. The
+    request runs in a daemon thread that is abandoned when the deadline passes."""
+    box = {}
+
+    def worker():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=deadline) as r:
+                box["data"] = r.read()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=worker, daemon=True)
+    t.start()
+    t.join(deadline)
+    if t.is_alive():
+        raise TimeoutError(f"no complete reply within {deadline} s")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
+def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
+    """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only.
+    Retries connection errors, time-outs (`timeout`: seconds per request, in all), 429, 5xx
+    and replies not in the chat-completions format, with exponential back-off. After the
+    last try: a reply still malformed is None (counted unreadable), an endpoint that never
+    answered is an error."""
+    url = api_base.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
+    last = malformed = None
+    for attempt in range(retries):
+        try:
+            content = json.loads(post(url, body, headers, timeout))["choices"][0]["message"]["content"]
+            if content is None or isinstance(content, str):
+                return content or ""
+            malformed = last = f"content of type {type(content).__name__}"
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise common.InputError(f"judge endpoint {url}: HTTP {e.code} {e.reason}") from None
+            last, malformed = f"HTTP {e.code}", None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            last, malformed = str(getattr(e, "reason", e)), None
+        except (KeyError, IndexError, TypeError, ValueError, http.client.HTTPException) as e:
+            malformed = last = f"a reply not in the chat-completions format ({type(e).__name__})"
+        time.sleep(backoff * 2 ** attempt)
+    if malformed:
+        return None
+    raise common.InputError(f"judge endpoint {url} failed after {retries} tries: {last}")
+
+
+# ----------------------------------------------------------------------------- the judge
+
+class Judge:
+    """Scores 1..10 (and pairwise verdicts) from a local model, by default the model itself
+    (the method), or from an OpenAI-compatible chat-completions endpoint (--judge-api-base;
+    the key is read from $OPENAI_API_KEY and written nowhere). HTTP requests run
+    --judge-concurrency at a time; results keep their order."""
+
+    def __init__(self, args, name, model=None, tok=None):
+        self.args, self.http = args, bool(args.judge_api_base)
+        self.mode = judge_mode(args, name)
+        if not self.http:
+            self.model, self.tok = (model, tok) if model is not None else common.load_for_inference(name)
+
+    def ask(self, conversations, parse):
+        """Replies parsed; over HTTP an unreadable reply is asked once more, then None."""
+        if not self.http:
+            texts = generation.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
+                                        batch_size=self.args.judge_batch_size)
+            return [parse(t[0]) for t in texts]
+
+        def one(conv):
+            for _ in range(2):
+                reply = chat_completion(self.args.judge_api_base, self.args.judge_model, conv,
+                                        timeout=self.args.judge_timeout, backoff=self.args.backoff)
+                value = None if reply is None else parse(reply)
+                if value is not None:
+                    return value
+            return None
+        with ThreadPoolExecutor(self.args.judge_concurrency) as pool:
+            return list(pool.map(one, conversations))
+
+    def scores(self, items, objective):
+        """(prompt, answer) pairs -> [{"score": 1..10 or None}, + "expected" in the logits modes]."""
+        if self.mode.startswith("logits"):
+            return score_answers(self.model, self.tok, items, objective, self.mode, self.args.judge_batch_size)
+        return [{"score": s} for s in self.ask([judge_conversation(objective, q, a) for q, a in items], parse_rating)]
+
+    def score_objectives(self, items, objectives):
+        """Score items on (primary, helpfulness): a list of dicts with score_a, score_b
+        (and score_a_expected, score_b_expected in the logits modes)."""
+        out = [{} for _ in items]
+        for key, obj in zip("ab", objectives):
+            for d, s in zip(out, self.scores(items, obj)):
+                d[f"score_{key}"] = s["score"]
+                if "expected" in s:
+                    d[f"score_{key}_expected"] = s["expected"]
+        return out
+
+
+def judge_mode(args, name):
+    """--mode auto: an HTTP judge writes its rating ('generate'); the embedded 135M model never
+    writes a readable one (measured: 18 of 18 null), so it gives its expected rating
+    ('logits-expected'); any other local model writes it ('generate')."""
+    if args.mode == "auto":
+        return "generate" if args.judge_api_base or name != common.DEFAULT_MODEL else "logits-expected"
+    if args.judge_api_base and args.mode != "generate":
+        raise common.InputError(f"--mode {args.mode} reads the judge's logits: an HTTP judge needs --mode generate")
+    return args.mode
 
 
 def check_candidates(path, records):
@@ -155,16 +267,33 @@ def check_candidates(path, records):
                                     "with a string 'text'")
 
 
-def add_judge_args(p):
+def add_judge_args(p, judge_default=None):
     p.add_argument("--primary", choices=["harmlessness", "honesty"], default="harmlessness",
                    help="the primary objective G_a (G_b is helpfulness; default harmlessness)")
-    p.add_argument("--mode", choices=["generate", "logits", "logits-expected"], default="generate",
+    p.add_argument("--mode", choices=["auto", "generate", "logits", "logits-expected"], default="auto",
                    help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
-                        "pass; logits-expected: the expected rating, rounded (for weak judges)")
+                        "pass; logits-expected: the expected rating, rounded (for weak judges); auto (default): "
+                        "logits-expected for the embedded default model, generate for any other judge")
+    p.add_argument("--judge", default=judge_default,
+                   help="local judge model (default: " + (judge_default or "the --model itself, as the method does") + ")")
+    p.add_argument("--judge-api-base", default=None, help="OpenAI-compatible API base URL, e.g. http://host/v1 "
+                   "(key in $OPENAI_API_KEY); instead of a local judge")
+    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
+    p.add_argument("--judge-concurrency", type=common.positive_int, default=8,
+                   help="HTTP judge requests in flight at once (default 8)")
+    p.add_argument("--judge-timeout", type=float, default=60.0,
+                   help="seconds an HTTP judge request may take in all, before it is retried (default 60)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first HTTP retry delay in seconds (default 1)")
     p.add_argument("--judge-max-tokens", type=common.positive_int, default=48,
-                   help="tokens the judge may write in generate mode (default 48)")
+                   help="tokens a local judge may write in generate mode (default 48)")
     p.add_argument("--judge-batch-size", type=common.positive_int, default=16,
-                   help="judgements per forward or generate call (default 16)")
+                   help="judgements per forward or generate call of a local judge (default 16)")
+
+
+def judge_settings(args, name):
+    """What shapes a judge's scores, for resume checks (never the API key)."""
+    return dict(judge=args.judge_model if args.judge_api_base else name, judge_api_base=args.judge_api_base,
+                primary=args.primary, mode=judge_mode(args, name), judge_max_tokens=args.judge_max_tokens)
 
 
 def main():
@@ -176,16 +305,15 @@ def main():
 
     records = common.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
     check_candidates(args.input, records)
-    settings = dict(model=args.model, primary=args.primary, mode=args.mode, judge_max_tokens=args.judge_max_tokens)
-    with Output(args.output, records, settings, args.overwrite, args.input) as out:
+    name = args.judge or args.model
+    with Output(args.output, records, dict(model=args.model, **judge_settings(args, name)), args.overwrite,
+                args.input) as out:
         batches = out.batches(args.batch_size)
-        if batches:
-            model, tok = common.load_for_inference(args.model)
+        judge = Judge(args, name) if batches else None
         nulls = total = 0
         for batch in common.progress(batches, desc="score", unit="batch"):
             items = [(r["prompt"], c["text"]) for r in batch for c in r["candidates"]]
-            scores = iter(score_objectives(model, tok, items, objectives, args.mode,
-                                           args.judge_batch_size, args.judge_max_tokens))
+            scores = iter(judge.score_objectives(items, objectives))
             done = []
             for r in batch:
                 cands = [dict(c, **next(scores)) for c in r["candidates"]]

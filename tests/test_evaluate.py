@@ -7,6 +7,7 @@ import pytest
 
 import common
 import evaluate
+import score
 from conftest import read_jsonl, run, write_jsonl
 
 
@@ -67,19 +68,20 @@ def judge_server():
 
 
 def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
-    reply = evaluate.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
+    reply = score.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
     assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
-    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="generate", judge_timeout=5))()
-    j = evaluate.Judge(args)
+    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="auto", judge_timeout=5,
+                              judge_concurrency=2))()
+    j = score.Judge(args, "unused")
     n0 = len(FakeJudge.requests)
-    got = j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")
+    got = [s["score"] for s in j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")]
     assert isinstance(got[0], int) and got[1] is None
     assert len(FakeJudge.requests) - n0 == 3  # the unreadable reply was asked once more
 
 
 def test_unreachable_endpoint_is_a_clear_error():
     with pytest.raises(common.InputError, match="failed after 2 tries"):
-        evaluate.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
+        score.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
 
 
 def test_report_table_from_crafted_run():

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import common
 import evaluate
+import score
 import preference_data
 import resumable
 from conftest import read_jsonl, run, write_jsonl
@@ -203,10 +204,10 @@ def test_12_http_judge_deadline_and_malformed_replies(tmp_path):
     msg = [{"role": "user", "content": "hi"}]
     t = time.time()
     with pytest.raises(common.InputError, match="no complete reply within 0.5 s"):
-        evaluate.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
+        score.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
     assert time.time() - t < 5
     for kind in ("empty", "number", "raw"):
-        assert evaluate.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01) is None
+        assert score.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01) is None
     server.shutdown()
     judged = [{"kind": "score", "model": m, "score_a": 5, "score_b": 5} for m in ("V", "S")]
     judged += [{"kind": "pairwise", "outcome": "tie", "model_first": None, "model_second": "B"},
