@@ -85,15 +85,28 @@ def seed_everything(seed):
 
 # ----------------------------------------------------------------------------- JSONL
 
+CONVERT = ("python -c \"import pandas as pd; pd.read_{fmt}('{path}').to_json('{stem}.jsonl', "
+           "orient='records', lines=True, force_ascii=False)\"")
+
+
 def read_jsonl(path, required=(), allow_empty=False):
-    """Read a JSONL file into a list of (line_number, record). Every line must be a JSON
-    object holding the `required` keys; blank lines are skipped. Errors name file:line."""
+    """Read records from a JSONL file or a JSON array of objects (as datasets ship), as a list
+    of (number, location, record): number is the line (JSONL) or the 1-based index (array),
+    location what an error names ("file:3" or "file: record 3"). Every record must be a JSON
+    object holding the `required` keys; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+    fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".xlsx": "excel"}.get(path.suffix.lower())
+    if fmt:
+        raise InputError(f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
+                         + CONVERT.format(fmt=fmt, path=path, stem=path.with_suffix("")))
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"[":
+        rows = read_json_array(path, data)
+    else:
+        rows = []
+        for n, raw in enumerate(data.splitlines(), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -101,36 +114,57 @@ def read_jsonl(path, required=(), allow_empty=False):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rows.append((n, f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise InputError(f"{path}:{n}: missing field {missing[0]!r} (keys present: {sorted(rec)})")
-            rows.append((n, rec))
+    for n, where, rec in rows:
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise InputError(f"{where}: missing field {missing[0]!r} (keys present: {sorted(rec)})")
     if not rows and not allow_empty:
         raise InputError(f"{path}: empty file (no records)")
     return rows
 
 
-def read_prompts(path, prompt_field=None, limit=None):
-    """prompts.jsonl -> records with a string `id` (the line number if absent) and `prompt`
-    (read from `prompt`, `instruction` or `question`, or from `prompt_field`)."""
-    fields = [prompt_field] if prompt_field else ["prompt", "instruction", "question"]
+def read_json_array(path, data):
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
+
+
+def first_if_list(value):
+    """JailbreakTrigger's label is a one-element list, MT-Bench's turns a list of user turns:
+    the first element stands for the whole."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def read_prompts(path, prompt_field=None, limit=None, id_field="id", category_field="category"):
+    """A prompt set (JSONL or a JSON array) -> records with a string `id` (from id_field; the
+    line or record number if absent), `prompt` (from `prompt`, `instruction`, `question` or
+    MT-Bench's `turns` (the first turn), or from `prompt_field`) and, where the record has
+    category_field, `category` (a list's first element)."""
+    fields = [prompt_field] if prompt_field else ["prompt", "instruction", "question", "turns"]
     out, seen = [], set()
-    for n, rec in read_jsonl(path):
+    for n, where, rec in read_jsonl(path):
         field = next((f for f in fields if f in rec), None)
         if field is None:
-            raise InputError(f"{path}:{n}: no prompt field (looked for {', '.join(fields)}; "
+            raise InputError(f"{where}: no prompt field (looked for {', '.join(fields)}; "
                              f"keys present: {sorted(rec)}); use --prompt-field")
-        if not isinstance(rec[field], str) or not rec[field].strip():
-            raise InputError(f"{path}:{n}: field {field!r} must be a non-empty string, "
+        prompt = first_if_list(rec[field]) if field == "turns" else rec[field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: field {field!r} must be a non-empty string, "
                              f"got {type(rec[field]).__name__}")
-        rec = dict(rec, id=str(rec.get("id", n)), prompt=rec[field])
+        rec = dict(rec, id=str(first_if_list(rec.get(id_field, n))), prompt=prompt)
+        if category_field in rec:
+            rec["category"] = first_if_list(rec[category_field])
         if rec["id"] in seen:
-            raise InputError(f"{path}:{n}: duplicate id {rec['id']!r}")
+            raise InputError(f"{where}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         out.append(rec)
         if limit and len(out) >= limit:
@@ -143,16 +177,16 @@ def read_records(path, required, limit=None, stage_hint=""):
     and the `required` keys."""
     rows = read_jsonl(path)
     seen = set()
-    for n, rec in rows:
+    for _, where, rec in rows:
         for k in ("id", "prompt", *required):
             if k not in rec:
                 hint = f" ({stage_hint})" if stage_hint else ""
-                raise InputError(f"{path}:{n}: missing field {k!r}{hint}; keys present: {sorted(rec)}")
+                raise InputError(f"{where}: missing field {k!r}{hint}; keys present: {sorted(rec)}")
         rec["id"] = str(rec["id"])
         if rec["id"] in seen:
-            raise InputError(f"{path}:{n}: duplicate id {rec['id']!r}")
+            raise InputError(f"{where}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
-    recs = [rec for _, rec in rows]
+    recs = [rec for _, _, rec in rows]
     return recs[:limit] if limit else recs
 
 
@@ -284,3 +318,12 @@ def add_common_args(p, batch_size=8):
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the input")
     p.add_argument("--overwrite", action="store_true", help="start the output again instead of resuming")
     return p
+
+
+def add_prompt_args(p):
+    """The flags of the stages that read a prompt set (JSONL or a JSON array)."""
+    p.add_argument("--prompt-field", default=None,
+                   help="field holding the prompt (default: prompt, instruction, question or turns (the first))")
+    p.add_argument("--id-field", default="id", help="field holding the id (default id; else the record's number)")
+    p.add_argument("--category-field", default="category",
+                   help="field holding the category, kept as `category` (a list: its first element; default category)")

@@ -122,7 +122,7 @@ def generate_responses(path, prompts, models, args):
                                             batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
                 out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
             del model
-    return {r["id"]: r for r in (rec for _, rec in common.read_jsonl(path))}
+    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}
 
 
 def judge_all(path, responses, models, args):
@@ -159,7 +159,7 @@ def judge_all(path, responses, models, args):
                     done += [dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
                                   outcome=pairwise_outcome(f, s)) for w, f, s in zip(part, first, second)]
             out.write(done)
-    return [rec for _, rec in common.read_jsonl(path)]
+    return [rec for _, _, rec in common.read_jsonl(path)]
 
 
 def build_report(judgments, names, primary):
@@ -220,7 +220,7 @@ def main():
     p.add_argument("--baseline", default=None, help="the model to compare against, e.g. the model before SPA")
     p.add_argument("--baseline-name", default="Vanilla", help="its name in the report (default Vanilla)")
     score.add_judge_args(p, judge_default=common.DEFAULT_MODEL)
-    p.add_argument("--prompt-field", default=None, help="field holding the prompt (default: prompt/instruction/question)")
+    common.add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=common.positive_int, default=8, help="prompts per batch and per device (default 8)")
@@ -229,7 +229,7 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = p.parse_args()
 
-    prompts = common.read_prompts(args.input, args.prompt_field, args.limit)
+    prompts = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
     for m in filter(None, [args.model, args.baseline]):
         common.resolve_model(m)  # a missing directory fails here, before any work
     name = args.name or Path(args.model.rstrip("/")).name

@@ -1,7 +1,8 @@
 """Preference pairs for train.py: read and validated, tokenized with the chat template,
 batched and planned into optimizer steps.
 
-A pair is `prompt`, `chosen`, `rejected` (strings) and, for Eq. 3, `gap`. The prompt side of
+A pair is `prompt`, `chosen`, `rejected` (strings, or TRL's conversational message lists)
+and, for Eq. 3, `gap` (or the scores it is computed from). The prompt side of
 an answer is the chat template with add_generation_prompt=True; the answer side is what the
 template renders for the assistant turn after it, end-of-turn token included.
 """
@@ -20,8 +21,9 @@ def tokenize_answer(tok, prompt, answer, max_length):
     The prompt side is the template with add_generation_prompt=True; the answer side is what
     it renders for the assistant turn after that, end-of-turn token included. The text is
     tokenized once without adding special tokens (the template has them: no double BOS).
+    prompt: the user turn, or a conversation (a list of messages: a multi-turn context).
     Returns (ids, n_prompt), or a reason string when the pair must be dropped."""
-    conv = [{"role": "user", "content": prompt}]
+    conv = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     prompt_text = generation.chat_text(tok, conv)
     full_text = generation.chat_text(tok, conv + [{"role": "assistant", "content": answer}], False)
     if not full_text.startswith(prompt_text):
@@ -35,33 +37,69 @@ def tokenize_answer(tok, prompt, answer, max_length):
     return ids[:max_length], len(p_ids)
 
 
-def read_gap(path, n, gap):
+def read_gap(where, gap):
     """A pair's gap: a finite number >= 0 (a negative weight would train toward the rejected answer)."""
     if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
-        raise common.InputError(f"{path}:{n}: gap must be a finite number >= 0, got {gap!r}")
+        raise common.InputError(f"{where}: gap must be a finite number >= 0, got {gap!r}")
     return float(gap)
 
 
-def load_pairs(path, tok, max_length, limit=None):
-    """pairs.jsonl -> list of examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and
-    a count of the pairs dropped per reason."""
-    if Path(path).is_file() and not Path(path).read_text(encoding="utf-8").strip():
+def pair_gap(where, rec, need_gap):
+    """Delta_i of Eq. 3: the record's `gap`, else |sum(chosen_scores) - sum(rejected_scores)|;
+    0 where the loss needs none (simpo, dpo, sft)."""
+    if "gap" in rec:
+        return read_gap(where, rec["gap"])
+    if "chosen_scores" in rec and "rejected_scores" in rec:
+        try:
+            return read_gap(where, abs(sum(rec["chosen_scores"]) - sum(rec["rejected_scores"])))
+        except TypeError:
+            raise common.InputError(f"{where}: chosen_scores and rejected_scores must be lists of numbers") from None
+    if need_gap:
+        raise common.InputError(f"{where}: no 'gap' and no 'chosen_scores'/'rejected_scores': --loss spa weights "
+                                "pairs by their score gap; --loss simpo, dpo or sft need none")
+    return 0.0
+
+
+def conversation_parts(where, rec):
+    """(prompt, chosen, rejected) from strings, or from TRL's conversational format: `prompt` a
+    list of messages (the context, any number of turns), `chosen` and `rejected` each a list
+    holding one assistant message."""
+    def answer(key):
+        v = rec[key]
+        if isinstance(v, str):
+            return v
+        if (isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant"
+                and isinstance(v[0].get("content"), str)):
+            return v[0]["content"]
+        raise common.InputError(f"{where}: {key} must be a string or a list of one assistant message")
+    prompt = rec["prompt"]
+    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+    if not ok:
+        raise common.InputError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
+    return prompt, answer("chosen"), answer("rejected")
+
+
+def load_pairs(path, tok, max_length, limit=None, need_gap=True):
+    """Preference pairs (JSONL or a JSON array; strings or conversational messages) -> list of
+    examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and a count of the pairs
+    dropped per reason. need_gap: the loss weights pairs by their gap (spa)."""
+    if Path(path).is_file() and not Path(path).read_text(encoding="utf-8", errors="replace").strip():
         raise common.InputError(f"{path}: no pairs: denoising or the margin removed everything "
                                 "(loosen denoise.py --tau-quantile or pairs.py --delta)")
-    rows = common.read_jsonl(path, required=("prompt", "chosen", "rejected", "gap"))
+    rows = common.read_jsonl(path, required=("prompt", "chosen", "rejected"))
     examples, dropped = [], {"prompt_too_long": 0, "empty_answer": 0}
-    for n, rec in rows[:limit] if limit else rows:
-        if not all(isinstance(rec[k], str) for k in ("prompt", "chosen", "rejected")):
-            raise common.InputError(f"{path}:{n}: prompt, chosen and rejected must be strings")
-        sides = [tokenize_answer(tok, rec["prompt"], rec[k], max_length) for k in ("chosen", "rejected")]
+    for n, where, rec in rows[:limit] if limit else rows:
+        prompt, chosen, rejected = conversation_parts(where, rec)
+        gap = pair_gap(where, rec, need_gap)
+        sides = [tokenize_answer(tok, prompt, answer, max_length) for answer in (chosen, rejected)]
         bad = next((s for s in sides if isinstance(s, str)), None)
         if bad is None and any(len(ids) <= n_p for ids, n_p in sides):
             bad = "empty_answer"  # no answer token left after truncation: never divided by
         if bad:
             dropped[bad] += 1
             continue
-        examples.append({"chosen": sides[0], "rejected": sides[1], "gap": read_gap(path, n, rec["gap"]),
-                         "id": rec.get("id", str(n)), "line": n})
+        examples.append({"chosen": sides[0], "rejected": sides[1], "gap": gap, "id": str(rec.get("id", n)), "line": n})
     if not examples:
         raise common.InputError(f"{path}: every pair was dropped ({dropped}); raise --max-length")
     return examples, dropped

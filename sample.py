@@ -46,8 +46,7 @@ def sample_batch(model, tok, batch, plan, system_texts, args):
 def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--prompt-field", default=None,
-                   help="field holding the prompt (default: prompt, instruction or question)")
+    common.add_prompt_args(p)
     p.add_argument("--num-candidates", type=int, default=4, help="candidates per prompt, n (default 4)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.8, 1.1],
                    help="sampling temperatures to spread candidates over (default 0.8 1.1)")
@@ -72,7 +71,7 @@ def main():
                     temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     truncate_prompts=args.truncate_prompts)
 
-    records, cut = common.read_prompts(args.input, args.prompt_field, args.limit), 0
+    records, cut = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field), 0
     if args.truncate_prompts:
         tok = common.load_tokenizer(args.model)
         context = common.model_config(args.model).max_position_embeddings

@@ -252,7 +252,8 @@ def lr_lambda(warmup, total):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="pairs.jsonl from pairs.py (prompt/chosen/rejected/gap)")
+    p.add_argument("--input", required=True, help="pairs from pairs.py, or any prompt/chosen/rejected data (JSONL or "
+                   "a JSON array; strings or conversational messages; gap needed by --loss spa only)")
     p.add_argument("--output", required=True, help="output model directory")
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="starting model (default: the embedded one)")
     p.add_argument("--loss", choices=["spa", "simpo", "dpo", "sft"], default="spa", help="default spa (Eq. 3)")
@@ -333,7 +334,8 @@ def main(argv=None):
     common.seed_everything(args.seed)
     bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
     tok = common.load_tokenizer(args.model)
-    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit)
+    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit,
+                                                     need_gap=args.loss == "spa")
     check_output(out, args)
     held = resumable.lock(out / "train.lock", out)  # one run per output directory
     if args.overwrite and distributed.is_main():

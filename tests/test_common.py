@@ -1,4 +1,5 @@
 """JSONL validation, resumable and atomic output, the sampler, reading prompts."""
+import re
 
 import pytest
 import torch
@@ -108,19 +109,25 @@ def test_sampler_matches_distribution_top_p_and_greedy():
     assert torch.isinf(out).sum(-1).eq(3).all()  # one finite logit per row
 
 
+def flags_of(source):
+    return set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', source))
+
+
 def test_every_stage_documents_its_flags():
+    import inspect
+    import score
+    shared = {"add_common_args": flags_of(inspect.getsource(common.add_common_args)),
+              "add_prompt_args": flags_of(inspect.getsource(common.add_prompt_args)),
+              "add_judge_args": flags_of(inspect.getsource(score.add_judge_args))}
+    from torch.distributed.run import get_args_parser
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
     for script in ["sample.py", "score.py", "refine.py", "denoise.py", "pairs.py", "train.py", "evaluate.py"]:
         p = run(script, "--help")
         src = (ROOT / script).read_text()
-        flags = set(__import__("re").findall(r'add_argument\(\s*"(--[a-z-]+)"', src))
-        flags |= set(__import__("re").findall(r'add_argument\(\s*"(--[a-z-]+)"', (ROOT / "common.py").read_text())) \
-            if "add_common_args" in src else set()
-        flags |= {"--primary", "--mode"} if "add_judge_args" in src else set()
+        flags = flags_of(src).union(*(f for name, f in shared.items() if name + "(" in src))
         missing = [f for f in flags if f not in p.stdout]
         assert not missing, f"{script} --help lacks {missing}"
         # torchrun parses every option on its command line: no flag may be one of its own or a prefix of one
-        from torch.distributed.run import get_args_parser
-        theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
         clash = [f for f in flags if any(o.startswith(f) for o in theirs)]
         assert not clash, f"{script}: {clash} clash with torchrun's options"
 
