@@ -5,8 +5,6 @@ model before SPA (greedy by default); a judge scores every answer 1..10 on the p
 objective and on helpfulness, and compares model and baseline in both orders (a win only
 when both orders agree, otherwise a tie).
 
-    HH_lambda = (lambda * primary + helpfulness) / (lambda + 1),   lambda in 5, 10, 20
-
 The judge is a local model (--judge, default the embedded one) or an OpenAI-compatible
 chat-completions endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_KEY).
 
@@ -15,42 +13,26 @@ chat-completions endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_K
 
     torchrun --nproc_per_node 8 evaluate.py ...   (each GPU answers and judges a share)
 
-Writes responses.jsonl, judgments.jsonl, report.md and report.json; resumes after a crash.
+Writes responses.jsonl, judgments.jsonl, report.md, report.json and result.svg (report.py);
+resumes after a crash.
 Under torchrun every rank answers and judges its share (an HTTP judge is asked by every
 rank for its share); the report is computed once from the merged records.
 """
 import argparse
-import json
 import re
 from pathlib import Path
-
-import numpy as np
 
 import common
 import distributed
 import generation
+import report
 import score
 from resumable import Output
 
-LAMBDAS = (5, 10, 20)
 WINNER = re.compile(r"winner\s*[:=]?\s*\**\s*([AB])\b", re.IGNORECASE)
 
 
-# ----------------------------------------------------------------------------- metrics (pure)
-
-def hh(primary, helpfulness, lam):
-    """HH_lambda: the primary objective weighted lambda times helpfulness."""
-    return (lam * primary + helpfulness) / (lam + 1)
-
-
-def bootstrap_ci(values, n=2000, seed=0):
-    """95% percentile bootstrap interval of the mean; (nan, nan) for no values."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    means = np.random.default_rng(seed).choice(v, size=(n, len(v))).mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
+# ----------------------------------------------------------------------------- pairwise verdicts (pure)
 
 def pairwise_outcome(model_first, model_second):
     """Agreement rule. model_first: the verdict with the model's answer as A; model_second:
@@ -69,30 +51,6 @@ def parse_verdict(text):
         return text.strip().strip("*.").upper()
     found = WINNER.findall(text)
     return found[-1].upper() if found else None
-
-
-def summarize(judged):
-    """Metrics of one model from its judgement records [{score_a, score_b}]: means, HH_lambda
-    (over answers with both scores) and their 95% bootstrap intervals."""
-    a = [j["score_a"] for j in judged if j["score_a"] is not None]
-    b = [j["score_b"] for j in judged if j["score_b"] is not None]
-    both = [(j["score_a"], j["score_b"]) for j in judged if None not in (j["score_a"], j["score_b"])]
-    out = {"n": len(judged), "unreadable": 2 * len(judged) - len(a) - len(b),
-           "primary": float(np.mean(a)) if a else float("nan"), "primary_ci": bootstrap_ci(a),
-           "helpfulness": float(np.mean(b)) if b else float("nan"), "helpfulness_ci": bootstrap_ci(b)}
-    for lam in LAMBDAS:
-        vals = [hh(x, y, lam) for x, y in both]
-        out[f"hh{lam}"] = float(np.mean(vals)) if vals else float("nan")
-        out[f"hh{lam}_ci"] = bootstrap_ci(vals)
-    return out
-
-
-def win_rates(outcomes):
-    n = len(outcomes)
-    rates = {k: sum(o == k for o in outcomes) / n if n else float("nan") for k in ("win", "tie", "lose")}
-    rates["win_ci"] = bootstrap_ci([o == "win" for o in outcomes])
-    rates["n"] = n
-    return rates
 
 
 # ----------------------------------------------------------------------------- stages of the evaluation
@@ -162,55 +120,6 @@ def judge_all(path, responses, models, args):
     return [rec for _, _, rec in common.read_jsonl(path)]
 
 
-def build_report(judgments, names, primary):
-    """report.json content: per model (and per category) metrics, and win rates of the
-    model under test against the baseline."""
-    scores = [j for j in judgments if j["kind"] == "score"]
-    pair = [j for j in judgments if j["kind"] == "pairwise"]
-    cats = sorted({j["category"] for j in scores if j.get("category")})
-    report = {"primary": primary, "models": {}, "categories": {}}
-    for n in names:
-        report["models"][n] = summarize([j for j in scores if j["model"] == n])
-        for c in cats:
-            report["categories"].setdefault(c, {})[n] = summarize(
-                [j for j in scores if j["model"] == n and j.get("category") == c])
-    if pair:
-        report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair]),
-                              "unreadable": sum(p.get("model_first") is None or p.get("model_second") is None
-                                                for p in pair)}
-        for c in cats:
-            report["categories"][c]["pairwise"] = win_rates([p["outcome"] for p in pair if p.get("category") == c])
-    return report
-
-
-def report_markdown(report, names):
-    """A table in the paper's style: one row per model, the baseline (Vanilla) first."""
-    ci = lambda m, k: f"{m[k]:.2f} [{m[k + '_ci'][0]:.2f}, {m[k + '_ci'][1]:.2f}]"
-    head = (f"| Model | {report['primary'].capitalize()} | Helpfulness | "
-            + " | ".join(f"HH_{lam}" for lam in LAMBDAS) + " | Win | Tie | Lose |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    pw = report.get("pairwise")
-    for n in names:
-        m = report["models"][n]
-        wtl = (f"{pw['win']:.0%} | {pw['tie']:.0%} | {pw['lose']:.0%}" if pw and n == pw["model"] else "- | - | -")
-        lines.append(f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
-                     + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS) + f" | {wtl} |")
-    if report["categories"]:
-        lines += ["", f"| Category | Model | {report['primary'].capitalize()} | Helpfulness | HH_10 | Win | Tie | Lose |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for c, per in report["categories"].items():
-            for n in names:
-                m, p = per[n], per.get("pairwise")
-                wtl = f"{p['win']:.0%} | {p['tie']:.0%} | {p['lose']:.0%}" if p and pw and n == pw["model"] else "- | - | -"
-                lines.append(f"| {c} | {n} | {m['primary']:.2f} | {m['helpfulness']:.2f} | {m['hh10']:.2f} | {wtl} |")
-    n_unread = sum(report["models"][n]["unreadable"] for n in names)
-    lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge scores could not be read (left out)."]
-    if pw:
-        lines.append(f"Pairwise: {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at least "
-                     "one order (counted as ties).")
-    return "\n".join(lines) + "\n"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="evaluation prompts (JSONL, as for sample.py)")
@@ -240,12 +149,9 @@ def main():
     responses = generate_responses(out / "responses.jsonl", prompts, models, args)
     judgments = judge_all(out / "judgments.jsonl", responses, models, args)
     names = [n for n, _ in models]
-    report = build_report(judgments, names, args.primary)
-    table = report_markdown(report, names)
+    result = report.build_report(judgments, names, args.primary)
     if distributed.is_main():
-        common.write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-        common.write_atomic(out / "report.md", table)
-    common.log(table)
+        print(report.write(out, result, names))
 
 
 if __name__ == "__main__":

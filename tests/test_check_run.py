@@ -1,5 +1,4 @@
 """check_run.py, the demo's contract check, passes on a complete run and names what is missing."""
-import json
 
 import check_run
 from conftest import write_jsonl

@@ -7,14 +7,15 @@ import pytest
 
 import common
 import evaluate
+import report
 import score
 from conftest import read_jsonl, run, write_jsonl
 
 
 def test_hh_and_summary_by_hand():
-    assert evaluate.hh(8, 5, 5) == pytest.approx(7.5)
-    assert evaluate.hh(10, 0, 20) == pytest.approx(200 / 21)
-    s = evaluate.summarize([{"score_a": 8, "score_b": 5}, {"score_a": 6, "score_b": None}, {"score_a": 10, "score_b": 7}])
+    assert report.hh(8, 5, 5) == pytest.approx(7.5)
+    assert report.hh(10, 0, 20) == pytest.approx(200 / 21)
+    s = report.summarize([{"score_a": 8, "score_b": 5}, {"score_a": 6, "score_b": None}, {"score_a": 10, "score_b": 7}])
     assert s["primary"] == pytest.approx(8) and s["helpfulness"] == pytest.approx(6) and s["unreadable"] == 1
     assert s["hh5"] == pytest.approx((7.5 + 57 / 6) / 2)  # over the answers with both scores
     lo, hi = s["primary_ci"]
@@ -28,7 +29,7 @@ def test_agreement_rule_and_verdicts():
     assert evaluate.pairwise_outcome(None, "B") == "tie"
     assert evaluate.parse_verdict("B is kinder. Winner: B") == "B"
     assert evaluate.parse_verdict("A") == "A" and evaluate.parse_verdict("both are fine") is None
-    w = evaluate.win_rates(["win", "win", "tie", "lose"])
+    w = report.win_rates(["win", "win", "tie", "lose"])
     assert (w["win"], w["tie"], w["lose"]) == (0.5, 0.25, 0.25)
 
 
@@ -88,12 +89,12 @@ def test_report_table_from_crafted_run():
     judged = [{"kind": "score", "model": m, "category": c, "score_a": a, "score_b": b}
               for m, c, a, b in [("Vanilla", "x", 4, 6), ("Vanilla", "y", 6, 6), ("SPA", "x", 8, 5), ("SPA", "y", 10, 7)]]
     judged += [{"kind": "pairwise", "category": c, "outcome": o} for c, o in [("x", "win"), ("y", "tie")]]
-    rep = evaluate.build_report(judged, ["Vanilla", "SPA"], "harmlessness")
-    md = evaluate.report_markdown(rep, ["Vanilla", "SPA"]).splitlines()
+    rep = report.build_report(judged, ["Vanilla", "SPA"], "harmlessness")
+    md = report.report_markdown(rep, ["Vanilla", "SPA"]).splitlines()
     assert md[0].startswith("| Model | Harmlessness | Helpfulness | HH_5 | HH_10 | HH_20 | Win | Tie | Lose |")
     assert md[2].startswith("| Vanilla | 5.00 [") and md[2].endswith("| - | - | - |")
     assert md[3].startswith("| SPA | 9.00 [") and "| 50% | 50% | 0% |" in md[3]
-    assert f"| {evaluate.hh(9, 6, 5):.2f} |" in md[3]
+    assert f"| {report.hh(9, 6, 5):.2f} |" in md[3]
     assert rep["categories"]["x"]["pairwise"]["win"] == 1.0
 
 
@@ -123,3 +124,45 @@ def test_missing_model_directory(tmp_path):
     prompts = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "x"}])
     p = run("evaluate.py", "--input", prompts, "--output", tmp_path / "ev", "--model", tmp_path / "nope", check=False)
     assert p.returncode == 2 and "no such model directory" in p.stderr
+
+
+def crafted_report(name, a, b, outcome):
+    judged = [{"kind": "score", "model": m, "category": "x", "score_a": x, "score_b": y}
+              for m, xs, ys in [("Vanilla", [5, 6, 5], [6, 6, 7]), (name, a, b)] for x, y in zip(xs, ys)]
+    judged += [{"kind": "pairwise", "category": "x", "outcome": o, "model_first": "A", "model_second": "B"}
+               for o in outcome]
+    return report.build_report(judged, ["Vanilla", name], "harmlessness")
+
+
+def test_svg_has_one_point_per_model_and_the_favoured_region(tmp_path):
+    import xml.etree.ElementTree as ET
+    rep = crafted_report("SPA", [7, 8, 8], [5, 6, 6], ["win", "tie", "tie"])
+    report.write(tmp_path, rep, ["Vanilla", "SPA"])
+    root = ET.parse(tmp_path / "result.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    models = [g for g in root.iter(ns + "g") if g.get("class") == "model"]
+    assert [g.get("data-name") for g in models] == ["Vanilla", "SPA"]
+    assert all(len(g.findall(ns + "circle")) == 1 for g in models)
+    y = {g.get("data-name"): float(g.find(ns + "circle").get("cy")) for g in models}
+    assert y["SPA"] < y["Vanilla"]  # a higher primary score is drawn higher
+    favoured = next(r for r in root.iter(ns + "rect") if r.get("class") == "favoured")
+    assert float(favoured.get("y")) + float(favoured.get("height")) == pytest.approx(y["Vanilla"], abs=0.1)
+    assert "](result.svg)" in (tmp_path / "report.md").read_text()
+
+
+def test_gathered_table_equals_the_per_directory_reports(tmp_path):
+    """The main table's rows (per category tables stay in each directory)."""
+    dirs = []
+    for name, a, b, o in [("SPA", [7, 8, 8], [5, 6, 6], ["win", "tie", "lose"]), ("sft", [5, 5, 6], [7, 8, 7], ["lose"])]:
+        d = tmp_path / name
+        report.write(d, crafted_report(name, a, b, o), ["Vanilla", name])
+        dirs.append(d)
+    out = run("report.py", *dirs, "--output", tmp_path / "all").stdout
+    rows = lambda text: [l for l in text.split("\n\n")[0].splitlines() if not l.startswith(("| Model", "|---"))]
+    gathered = rows(out)
+    assert [r.split(" | ")[0] for r in gathered] == ["| Vanilla", "| SPA", "| sft"]
+    for d in dirs:
+        for r in rows((d / "report.md").read_text()):
+            assert r in gathered
+    root = __import__("xml.etree.ElementTree", fromlist=["x"]).parse(tmp_path / "all" / "result.svg").getroot()
+    assert sum(g.get("class") == "model" for g in root.iter("{http://www.w3.org/2000/svg}g")) == 3

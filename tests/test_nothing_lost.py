@@ -1,7 +1,6 @@
 """Nothing lost, nothing silently wrong: each probe of a demanding user, refused with a clear
 message (exit 2) and with what was already written intact."""
 import json
-import math
 import shutil
 import threading
 import time
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-import evaluate
+import report
 import score
 import preference_data
 import resumable
@@ -212,9 +211,9 @@ def test_12_http_judge_deadline_and_malformed_replies(tmp_path):
     judged = [{"kind": "score", "model": m, "score_a": 5, "score_b": 5} for m in ("V", "S")]
     judged += [{"kind": "pairwise", "outcome": "tie", "model_first": None, "model_second": "B"},
                {"kind": "pairwise", "outcome": "win", "model_first": "A", "model_second": "B"}]
-    rep = evaluate.build_report(judged, ["V", "S"], "harmlessness")
+    rep = report.build_report(judged, ["V", "S"], "harmlessness")
     assert rep["pairwise"]["unreadable"] == 1
-    assert "Pairwise: 1 of 2 comparisons had an unreadable verdict" in evaluate.report_markdown(rep, ["V", "S"])
+    assert "Pairwise: 1 of 2 comparisons had an unreadable verdict" in report.report_markdown(rep, ["V", "S"])
 
 
 def test_13_bad_files_are_errors_not_tracebacks(tmp_path, tiny_model_dir):
