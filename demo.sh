@@ -51,6 +51,7 @@ if [ "${1:-}" = ablations ]; then
     train "$dir/pairs.jsonl" "$dir/ablation-$loss/model" SmolLM2-135M-Instruct $loss
     evaluate "$dir/ablation-$loss/model" "$loss" "$dir/ablation-$loss/eval"
   done
+  $PY report.py "$dir/eval" "$dir"/ablation-*/eval --output "$RUN/summary"   # one table, one picture
   exit 0
 fi
 

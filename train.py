@@ -224,7 +224,7 @@ def reference_logps(policy, examples, batch_size, pad_id):
     """Summed log-probs of chosen and rejected under the starting model: (N, 2), for dpo.
     Every rank computes its share (pairs rank, rank + world, ...), all gathered once."""
     policy.eval()
-    mine = list(range(len(examples)))[distributed.RANK::distributed.WORLD]
+    mine = distributed.share(list(range(len(examples))))
     n_batches = math.ceil(math.ceil(len(examples) / distributed.WORLD) / batch_size)  # equal on every rank
     got = []
     for b in common.progress(range(n_batches), desc="reference log-probs"):

@@ -213,7 +213,7 @@ def test_12_http_judge_deadline_and_malformed_replies(tmp_path):
                {"kind": "pairwise", "outcome": "win", "model_first": "A", "model_second": "B"}]
     rep = report.build_report(judged, ["V", "S"], "harmlessness")
     assert rep["pairwise"]["unreadable"] == 1
-    assert "Pairwise: 1 of 2 comparisons had an unreadable verdict" in report.report_markdown(rep, ["V", "S"])
+    assert "Pairwise (S): 1 of 2 comparisons had an unreadable verdict" in report.report_markdown(rep, ["V", "S"])
 
 
 def test_13_bad_files_are_errors_not_tracebacks(tmp_path, tiny_model_dir):
