@@ -67,7 +67,7 @@ def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
         {"id": "b", "instruction": "What is the price of Bitcoin right now?"}])
     run("sample.py", "--input", inp, "--output", tmp_path / "samples.jsonl", "--num-candidates", 2, "--max-new-tokens", 12)
     run("score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl",
-        "--mode", "logits", "--primary", "honesty")
+        "--primary", "honesty")  # the default --mode auto: usable scores from the embedded model
     run("refine.py", "--input", tmp_path / "scored.jsonl", "--output", tmp_path / "refined.jsonl",
         "--mode", "generate", "--judge-max-tokens", 6, "--max-new-tokens", 12)
     recs = read_jsonl(tmp_path / "refined.jsonl")
