@@ -1,7 +1,9 @@
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,25 @@ def torchrun(script, *args, nproc=2, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {p.returncode}:\n{p.stderr[-4000:]}")
     return p
+
+
+def send_chat_reply(handler, content):
+    """Answer a request as an OpenAI-compatible chat-completions endpoint does."""
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@contextlib.contextmanager
+def http_server(handler):
+    """A threaded HTTP server with `handler` on 127.0.0.1; yields its base URL."""
+    from http.server import ThreadingHTTPServer
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

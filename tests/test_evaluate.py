@@ -1,7 +1,6 @@
 """evaluate.py: metrics, the agreement rule, the HTTP judge on a local server, report, resume."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -9,7 +8,7 @@ import common
 import evaluate
 import report
 import score
-from conftest import read_jsonl, run, write_jsonl
+from conftest import http_server, read_jsonl, run, send_chat_reply, write_jsonl
 
 
 def test_hh_and_summary_by_hand():
@@ -48,12 +47,7 @@ class FakeJudge(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         reply = ("Winner: A" if "Answer A:" in text else "I cannot say." if "UNRATABLE" in text
                  else f"Short reason. Rating: {4 + len(text) % 5}")
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, reply)
 
     def log_message(self, *a):
         pass
@@ -62,10 +56,8 @@ class FakeJudge(BaseHTTPRequestHandler):
 @pytest.fixture
 def judge_server():
     FakeJudge.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with http_server(FakeJudge) as base:
+        yield base + "/v1"
 
 
 def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):

@@ -6,11 +6,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run, write_jsonl
+from conftest import ROOT, http_server, read_jsonl, run, send_chat_reply, write_jsonl
 
 KEY = "sk-test-not-to-be-written-0123"
 
@@ -40,11 +40,7 @@ class Judge(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         d = int(re.search(r"ANSWER-(\d)", text).group(1))
         rating = d + 1 if "HARMLESS" in text else 10 - d
-        data = json.dumps({"choices": [{"message": {"content": f"Fine. Rating: {rating}"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, f"Fine. Rating: {rating}")
 
     def log_message(self, *a):
         pass
@@ -53,10 +49,8 @@ class Judge(BaseHTTPRequestHandler):
 @pytest.fixture
 def endpoint():
     Judge.requests, Judge.active, Judge.peak, Judge.keys = 0, 0, 0, set()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with http_server(Judge) as base:
+        yield base + "/v1"
 
 
 def test_score_with_an_http_judge(tmp_path, endpoint):

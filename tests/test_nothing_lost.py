@@ -2,9 +2,8 @@
 message (exit 2) and with what was already written intact."""
 import json
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import report
 import score
 import preference_data
 import resumable
-from conftest import read_jsonl, run, write_jsonl
+from conftest import http_server, read_jsonl, run, write_jsonl
 
 PROMPTS = [{"id": f"t{i}", "prompt": f"Is thing {i} safe?"} for i in range(3)]
 
@@ -187,7 +186,7 @@ class Awkward(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         for i in range(len(body)):
-            self.wfile.write(body[i:i + 1] if kind == "trickle" else body[i:i + 1])
+            self.wfile.write(body[i:i + 1])
             self.wfile.flush()
             if kind == "trickle":
                 time.sleep(1)
@@ -197,17 +196,14 @@ class Awkward(BaseHTTPRequestHandler):
 
 
 def test_12_http_judge_deadline_and_malformed_replies(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Awkward)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
     msg = [{"role": "user", "content": "hi"}]
-    t = time.time()
-    with pytest.raises(common.InputError, match="no complete reply within 0.5 s"):
-        score.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
-    assert time.time() - t < 5
-    for kind in ("empty", "number", "raw"):
-        assert score.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01) is None
-    server.shutdown()
+    with http_server(Awkward) as base:
+        t = time.time()
+        with pytest.raises(common.InputError, match="no complete reply within 0.5 s"):
+            score.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
+        assert time.time() - t < 5
+        for kind in ("empty", "number", "raw"):
+            assert score.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01) is None
     judged = [{"kind": "score", "model": m, "score_a": 5, "score_b": 5} for m in ("V", "S")]
     judged += [{"kind": "pairwise", "outcome": "tie", "model_first": None, "model_second": "B"},
                {"kind": "pairwise", "outcome": "win", "model_first": "A", "model_second": "B"}]
