@@ -32,16 +32,24 @@ def answers_of(rec):
     return out
 
 
+ORDERS = {  # what a pair is ordered by: SPA's priority, and the ablations' and baselines' orders
+    "primary-first": lambda a, b: (a, b),       # Eq. 2
+    "helpfulness-first": lambda a, b: (b, a),   # the reverse priority (an ablation)
+    "primary-only": lambda a, b: (a,),          # one objective alone (Reward Soups' two models)
+    "helpfulness-only": lambda a, b: (b,),
+}
+
+
 def better(x, y):
-    """Lexicographic order on (a, b): x above y (Eq. 2)."""
-    return x[0] > y[0] or (x[0] == y[0] and x[1] > y[1])
+    """Lexicographic order: x above y (Eq. 2 on (a, b)). Tuples compare lexicographically."""
+    return tuple(x) > tuple(y)
 
 
 def lexicographic_pairs(scores, delta):
     """Every ordered (i, j) with scores[i] lexicographically above scores[j] and
-    |a_i - a_j| + |b_i - b_j| >= delta (Eq. 2). scores: [(a, b)]."""
+    |a_i - a_j| + |b_i - b_j| >= delta (Eq. 2). scores: [(a, b)], or any tuples of scores."""
     return [(i, j) for i, x in enumerate(scores) for j, y in enumerate(scores)
-            if better(x, y) and abs(x[0] - y[0]) + abs(x[1] - y[1]) >= delta]
+            if better(x, y) and sum(abs(u - v) for u, v in zip(x, y)) >= delta]
 
 
 def weight_gap(x, y):
@@ -49,12 +57,12 @@ def weight_gap(x, y):
     return abs(x[0] + x[1] - y[0] - y[1])
 
 
-def prompt_pairs(rec, delta, max_pairs=None):
+def prompt_pairs(rec, delta, max_pairs=None, order="primary-first"):
     """The pair records of one prompt; with max_pairs, the ones with the largest margin
     |da| + |db| (then the largest gap) first, so no prompt dominates the data."""
     answers = answers_of(rec)
     scores = [(a, b) for _, a, b in answers]
-    pairs = lexicographic_pairs(scores, delta)
+    pairs = lexicographic_pairs([ORDERS[order](a, b) for a, b in scores], delta)
     if max_pairs is not None:
         margin = lambda p: (sum(abs(u - v) for u, v in zip(scores[p[0]], scores[p[1]])),
                             weight_gap(scores[p[0]], scores[p[1]]))
@@ -81,17 +89,20 @@ def main():
     p.add_argument("--delta", type=float, default=2, help="least |da| + |db| for a pair (default 2)")
     p.add_argument("--max-pairs-per-prompt", type=int, default=None, metavar="K",
                    help="keep at most K pairs per prompt, the largest margins first (default: all)")
+    p.add_argument("--order", choices=list(ORDERS), default="primary-first",
+                   help="what orders a pair: primary-first is SPA's priority (Eq. 2); helpfulness-first the "
+                        "reverse priority; primary-only / helpfulness-only one objective alone (default primary-first)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
     common.refuse_same_file(args.input, args.output)
 
     records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     check(args.input, records)
-    per_prompt = [prompt_pairs(r, args.delta, args.max_pairs_per_prompt) for r in records]
+    per_prompt = [prompt_pairs(r, args.delta, args.max_pairs_per_prompt, args.order) for r in records]
     pairs = [x for ps in per_prompt for x in ps]
     summary = {"input": args.input, "prompts": len(records), "pairs": len(pairs),
                "prompts_without_pairs": sum(not ps for ps in per_prompt),
-               "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs), "delta": args.delta}
+               "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs), "delta": args.delta, "order": args.order}
     print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
     common.write_atomic(Path(args.output).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     if not pairs:

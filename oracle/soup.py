@@ -1,0 +1,40 @@
+"""Reward Soups (Rame et al., 2023): interpolate the weights of models fine-tuned from one
+start on different rewards, theta = lam * theta_1 + (1 - lam) * theta_2.
+
+    python oracle/soup.py --first runs/oracle/primary-only/model --second runs/oracle/helpfulness-only/model \
+        --weight 0.7 --output runs/oracle/soup-7-3
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+
+def soup(first, second, weight):
+    """lam * first + (1 - lam) * second, key by key (state dicts with the same keys and shapes)."""
+    if first.keys() != second.keys():
+        raise common.InputError("the two models have different parameter names")
+    return {k: weight * first[k].float() + (1 - weight) * second[k].float() for k in first}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--first", required=True, help="model trained on the first reward (the primary objective)")
+    p.add_argument("--second", required=True, help="model trained on the second reward (helpfulness)")
+    p.add_argument("--weight", type=float, required=True, help="lam, the first model's share (0..1)")
+    p.add_argument("--output", required=True, help="output model directory")
+    args = p.parse_args()
+    if not 0 <= args.weight <= 1:
+        raise common.InputError(f"--weight must be in 0..1, got {args.weight}")
+    a, tok = common.load_model(args.first)
+    b = common.load_weights(args.second)
+    a.load_state_dict(soup(a.state_dict(), b.state_dict(), args.weight))
+    a.save_pretrained(args.output)
+    tok.save_pretrained(args.output)
+    print(f"soup: {args.weight:g} x {args.first} + {1 - args.weight:g} x {args.second} -> {args.output}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
