@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 RUN     ?= runs/demo
 ITER    ?= 1
 
-.PHONY: test demo ablations bench clean-runs
+.PHONY: test demo ablations oracle bench clean-runs
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 ablations: $(STAMP)
 	RUN=$(RUN) PY=$(PY) bash demo.sh ablations
+
+oracle: $(STAMP)
+	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
 
 bench: $(STAMP)
 	$(PY) bench/sample_throughput.py
