@@ -116,17 +116,17 @@ def pairwise_by_model(report):
 
 # ----------------------------------------------------------------------------- the picture
 
-def svg(report, names, width=560, height=420):
+def svg(report, names, width=720, height=540):
     """Each model's mean primary score (y) against its mean helpfulness (x), with 95% intervals
     as bars, as an SVG written directly. The region the priority favours is shaded: primary
     held at the first model's (the baseline's) level or above, and within it, darker, both."""
     ms = [report["models"][n] for n in names]
-    lo = min(min(m["primary_ci"][0], m["helpfulness_ci"][0]) for m in ms)
-    hi = max(max(m["primary_ci"][1], m["helpfulness_ci"][1]) for m in ms)
-    lo, hi = np.floor(lo * 2) / 2 - 0.5, np.ceil(hi * 2) / 2 + 0.5
-    L, R, T, B = 60, width - 20, 20, height - 50
-    x = lambda v: L + (v - lo) / (hi - lo) * (R - L)
-    y = lambda v: B - (v - lo) / (hi - lo) * (B - T)
+    span = lambda k: (np.floor(min(m[k + "_ci"][0] for m in ms) * 2) / 2 - 0.5,
+                      np.ceil(max(m[k + "_ci"][1] for m in ms) * 2) / 2 + 0.5)
+    (x0, x1), (y0, y1) = span("helpfulness"), span("primary")
+    L, R, T, B = 60, width - 20, 50, height - 50
+    x = lambda v: L + (v - x0) / (x1 - x0) * (R - L)
+    y = lambda v: B - (v - y0) / (y1 - y0) * (B - T)
     base = ms[0]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            'font-size="12">', f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
@@ -135,11 +135,13 @@ def svg(report, names, width=560, height=420):
            f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
            f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
            'fill-opacity="0.15"/>']
-    out.append(f'<text x="{L + 6}" y="{T + 14}" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
-               f'{escape(names[0])}\'s, as the priority asks; darker: helpfulness too</text>')
-    for t in np.arange(lo, hi + 1e-9, 0.5):
-        out += [f'<text x="{x(t):.1f}" y="{B + 15}" text-anchor="middle">{t:g}</text>',
-                f'<text x="{L - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:g}</text>']
+    out += [f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
+            f'{escape(names[0])}\'s, as the priority asks;</text>',
+            f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>']
+    for t in np.arange(x0, x1 + 1e-9, 0.5):
+        out.append(f'<text x="{x(t):.1f}" y="{B + 15}" text-anchor="middle">{t:g}</text>')
+    for t in np.arange(y0, y1 + 1e-9, 0.5):
+        out.append(f'<text x="{L - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
     out += [f'<text x="{(L + R) / 2}" y="{height - 12}" text-anchor="middle">helpfulness (mean, 95% CI)</text>',
             f'<text transform="translate(14,{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
             f'{escape(report["primary"])} (mean, 95% CI)</text>']
