@@ -71,7 +71,8 @@ def main():
                     temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     truncate_prompts=args.truncate_prompts)
 
-    records, cut = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field), 0
+    records = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
+    cut = 0
     if args.truncate_prompts:
         tok = common.load_tokenizer(args.model)
         context = common.model_config(args.model).max_position_embeddings
