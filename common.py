@@ -138,6 +138,13 @@ def read_json_array(path, data):
     return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
 
 
+def claim_id(where, rec, seen):
+    """Check that rec's id (already a string) is new, and remember it."""
+    if rec["id"] in seen:
+        raise InputError(f"{where}: duplicate id {rec['id']!r}")
+    seen.add(rec["id"])
+
+
 def first_if_list(value):
     """JailbreakTrigger's label is a one-element list, MT-Bench's turns a list of user turns:
     the first element stands for the whole."""
@@ -163,9 +170,7 @@ def read_prompts(path, prompt_field=None, limit=None, id_field="id", category_fi
         rec = dict(rec, id=str(first_if_list(rec.get(id_field, n))), prompt=prompt)
         if category_field in rec:
             rec["category"] = first_if_list(rec[category_field])
-        if rec["id"] in seen:
-            raise InputError(f"{where}: duplicate id {rec['id']!r}")
-        seen.add(rec["id"])
+        claim_id(where, rec, seen)
         out.append(rec)
         if limit and len(out) >= limit:
             break
@@ -183,9 +188,7 @@ def read_records(path, required, limit=None, stage_hint=""):
                 hint = f" ({stage_hint})" if stage_hint else ""
                 raise InputError(f"{where}: missing field {k!r}{hint}; keys present: {sorted(rec)}")
         rec["id"] = str(rec["id"])
-        if rec["id"] in seen:
-            raise InputError(f"{where}: duplicate id {rec['id']!r}")
-        seen.add(rec["id"])
+        claim_id(where, rec, seen)
     recs = [rec for _, _, rec in rows]
     return recs[:limit] if limit else recs
 

@@ -75,9 +75,10 @@ def prefilled_cache(model, enc, num_return, max_new_tokens):
     return cache
 
 
-def check_context(tok, texts, max_new_tokens, context, keys):
-    """Refuse prompts that, with the answer budget, do not fit the model's context window."""
-    over = [k for k, t in zip(keys, texts) if len(tok(t, add_special_tokens=False)["input_ids"]) + max_new_tokens > context]
+def check_context(lengths, max_new_tokens, context, keys):
+    """Refuse prompts that, with the answer budget, do not fit the model's context window.
+    lengths: each prompt's token count (from the batch's own attention mask)."""
+    over = [k for k, n in zip(keys, lengths) if n + max_new_tokens > context]
     if over:
         raise common.InputError(f"{len(over)} prompt(s) do not fit the model's context of {context} tokens with "
                                 f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}")
@@ -116,7 +117,7 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
     tok.padding_side = "left"
     texts = [chat_text(tok, c) for c in conversations]
     keys = list(range(len(texts))) if keys is None else keys
-    check_context(tok, texts, max_new_tokens, getattr(model.config, "max_position_embeddings", 1 << 30), keys)
+    context = getattr(model.config, "max_position_embeddings", 1 << 30)
     temps = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -125,6 +126,7 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        check_context(enc["attention_mask"].sum(1).tolist(), max_new_tokens, context, [keys[i] for i in idx])
         enc = {key: v.to(model.device) for key, v in enc.items()}
         rows = {key: v.repeat_interleave(num_return, 0) for key, v in enc.items()}
         t = torch.tensor([temps[i] for i in idx], dtype=torch.float32).repeat_interleave(num_return)

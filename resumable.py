@@ -136,18 +136,22 @@ class Output:
         common.write_atomic(self.meta, json.dumps({"settings": settings, "inputs": fps}, ensure_ascii=False) + "\n")
         return None
 
+    def _existing(self):
+        """(file, record) for every complete record in OUT and in every part."""
+        for p in [self.path, *self._parts()]:
+            if p.exists():
+                for rec in complete_records(p)[0]:
+                    yield p, rec
+
     def _read_done(self):
         """Ids of the records in OUT and in every part (complete lines), checked against the input."""
         ids = {r["id"] for r in self.inputs}
         done = set()
-        for p in [self.path, *self._parts()]:
-            if not p.exists():
-                continue
-            for rec in complete_records(p)[0]:
-                if str(rec.get("id")) not in ids:
-                    raise common.InputError(f"{p}: holds id {rec.get('id')!r}, which is not in this input; "
-                                            "use another --output or --overwrite")
-                done.add(str(rec["id"]))
+        for p, rec in self._existing():
+            if str(rec.get("id")) not in ids:
+                raise common.InputError(f"{p}: holds id {rec.get('id')!r}, which is not in this input; "
+                                        "use another --output or --overwrite")
+            done.add(str(rec["id"]))
         return done
 
     def batches(self, batch_size, key="prompt", where=None):
@@ -173,10 +177,8 @@ class Output:
     def merge(self):
         """Rank 0: every record of OUT and of the parts, in input order, into OUT; parts removed."""
         by_id = {}
-        for p in [self.path, *self._parts()]:
-            if p.exists():
-                for rec in complete_records(p)[0]:
-                    by_id.setdefault(str(rec["id"]), rec)
+        for _, rec in self._existing():
+            by_id.setdefault(str(rec["id"]), rec)
         missing = [r["id"] for r in self.inputs if r["id"] not in by_id]
         if missing:
             raise common.InputError(f"{self.path}: records {missing[:5]} are missing after every rank finished")

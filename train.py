@@ -373,8 +373,8 @@ def main(argv=None):
         try:
             s, n = train_step(policy, examples, plan[step], args, pad_id, ref)
         except FloatingPointError as e:
-            where = f"the last good checkpoint is in {checkpoints.find_checkpoint(out)}" \
-                if checkpoints.find_checkpoint(out) else "no checkpoint was written yet"
+            ck = checkpoints.find_checkpoint(out)
+            where = f"the last good checkpoint is in {ck}" if ck else "no checkpoint was written yet"
             raise SystemExit(f"error: training stopped at step {step + 1}: {e}; {where}")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
