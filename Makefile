@@ -27,9 +27,10 @@ ablations: $(STAMP)
 oracle: $(STAMP)
 	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
 
-bench: $(STAMP)
+bench: $(STAMP)   # TRL_PYTHON=/path/to/python-with-trl DEMO_BASE=<git rev> add issue 15's train and demo ratios
 	$(PY) bench/sample_throughput.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/goals.py $(if $(TRL_PYTHON),--trl-python $(TRL_PYTHON)) $(if $(DEMO_BASE),--demo-base $(DEMO_BASE))
 
 clean-runs:
 	rm -rf runs

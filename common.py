@@ -7,7 +7,6 @@ Nothing here knows about the method itself; the stages hold that.
 """
 import argparse
 import contextlib
-import ctypes
 import functools
 import importlib.util
 import json
@@ -62,19 +61,6 @@ def refuse_same_file(input_path, output_path):
     """Writing a stage's output over its own input would destroy the input: refuse."""
     if input_path is not None and Path(input_path).resolve() == Path(output_path).resolve():
         raise InputError(f"{output_path}: --output is the --input file; choose another output")
-
-
-def return_freed_memory(mib=4):
-    """Make glibc give freed blocks above `mib` MiB back to the system. By default it raises
-    its mmap threshold after each large free (up to 32 MiB), so later activations come from a
-    heap that keeps their memory, fragmented, after they die. A fixed 4 MiB threshold stops
-    that for the recomputed layers' activations: bench/train_throughput.py measured peak RSS
-    4.79 -> 3.16 GiB for 10-20% of throughput (the page faults of fresh memory); 16 MiB saved
-    nothing, 64 KiB cost a third of the throughput. No-op without glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, mib << 20)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def seed_everything(seed):

@@ -18,10 +18,10 @@ iteration() {  # $1 = iteration number
   [ "$1" -gt 1 ] && model=$RUN/iter$(($1 - 1))/model
   mkdir -p "$dir"
   $PY sample.py --input data/train_prompts.jsonl --output "$dir/samples.jsonl" --model "$model" \
-      --num-candidates 4 --max-new-tokens 64 --batch-size 14 --seed "$1"
+      --num-candidates 4 --max-new-tokens 64 --batch-size 42 --seed "$1"
   $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}"
   $PY refine.py --input "$dir/scored.jsonl" --output "$dir/refined.jsonl" --model "$model" "${JUDGE[@]}" \
-      --max-new-tokens 96 --batch-size 14
+      --max-new-tokens 96 --batch-size 42
   $PY denoise.py --input "$dir/refined.jsonl" --output "$dir/denoised.jsonl" --tau-quantile 0.5 --no-consistency
   $PY pairs.py --input "$dir/denoised.jsonl" --output "$dir/pairs.jsonl" --delta 1 --max-pairs-per-prompt 3
   train "$dir/pairs.jsonl" "$dir/model" "$model" spa
@@ -36,7 +36,7 @@ train() {  # pairs, output, starting model, loss
 evaluate() {  # model, name, output
   $PY evaluate.py --input data/eval_prompts.jsonl --output "$3" --model "$1" --name "$2" \
       --baseline SmolLM2-135M-Instruct --baseline-name Vanilla "${JUDGE[@]}" --max-new-tokens 96 \
-      --judge-max-tokens 24
+      --judge-max-tokens 24 --batch-size 21
 }
 
 if [ "${1:-}" = ablations ]; then

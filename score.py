@@ -70,16 +70,6 @@ def rating_token_ids(tok):
     return ids
 
 
-def common_prefix_length(seqs):
-    """Length of the token prefix all sequences share, leaving each at least two tokens."""
-    n = min(len(s) for s in seqs) - 2
-    first = seqs[0]
-    for k in range(max(n, 0)):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return max(n, 0)
-
-
 @torch.no_grad()
 def rating_distribution(model, tok, conversations, batch_size=16):
     """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), in one forward
@@ -93,10 +83,11 @@ def rating_distribution(model, tok, conversations, batch_size=16):
         raise ValueError("logits mode expects '10' to start with the token of '1'")
     seqs = [tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
             + ([ids[0][0]] if two else []) for c in conversations]
-    P = common_prefix_length(seqs)
+    P = generation.common_prefix_length(seqs)
     dev = model.device
     with common.autocast():
-        head = model(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values if P else None
+        decoder = model.get_decoder()  # the head's KV cache only: no logits
+        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values if P else None
     out = []
     for start in range(0, len(seqs), batch_size):
         tails = [s[P:] for s in seqs[start:start + batch_size]]

@@ -8,7 +8,8 @@
 --loss simpo sets w = 1; --loss dpo uses summed log-probs against reference log-probs
 computed once by the starting model before training (with LoRA: the model with its adapters
 off, no reference pass); --loss sft is the NLL of the chosen answer. Chosen and rejected
-answers go through the model in one concatenated forward.
+answers go through the model in one forward, packed end to end without padding
+(policy_model.py; --no-pack pads them).
 
     python train.py --input runs/x/pairs.jsonl --output runs/x/model --loss spa
     torchrun --nproc_per_node 8 train.py ...             FSDP2 over 8 GPUs (full fine-tune)
@@ -28,24 +29,19 @@ import math
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
 
 import checkpoints
 import common
 import distributed
 import lora
+import policy_model
 import preference_data
 import resumable
-
-HEAD_CHUNK = 512  # answer positions per pass of the vocabulary head (--head-chunk)
-
 
 # ----------------------------------------------------------------------------- the mathematics
 
@@ -76,91 +72,10 @@ def preference_losses(logp_c, logp_r, n_c, n_r, weights, loss, beta, gamma, ref_
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def token_logps(lm_head, hidden, targets):
-    """log pi(target | position) at N positions: hidden (N, H), targets (N,) -> (N,) float32."""
-    logits = lm_head(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK):
-    """Summed log-probabilities of the answer tokens, and their counts.
-    hidden: (B, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
-    input_ids: (B, T); answer_mask: (B, T), True where the token is an answer token.
-    The projection runs only at the N positions that predict an answer token, `chunk` of them
-    at a time (0: all at once); with gradients on, each chunk's (chunk, V) float32 logits are
-    recomputed in backward instead of kept, so no (N, V) tensor is ever held.
-    Returns (logp (B,), n_tokens (B,))."""
-    mask = answer_mask[:, 1:]                       # token t is predicted at position t - 1
-    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(mask)[mask]
-    h, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
-    chunk = chunk or len(h)
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    head = partial(checkpoint, token_logps, use_reentrant=False) if recompute else token_logps
-    lp = torch.cat([head(lm_head, h[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(h), chunk)])
-    total = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, lp)
-    return total, mask.sum(1)
-
-
-# ----------------------------------------------------------------------------- the model
-
-class Policy(nn.Module):
-    """The language model as one module whose forward returns the summed answer log-probs:
-    FSDP2 gathers a module's parameters around its forward, so the decoder and the
-    vocabulary head (applied only at answer positions) must run inside one forward."""
-
-    def __init__(self, lm, head_chunk=HEAD_CHUNK, bf16_autocast=False):
-        super().__init__()
-        self.lm, self.head_chunk, self.bf16_autocast = lm, head_chunk, bf16_autocast
-
-    def forward(self, input_ids, attention_mask, answer_mask):
-        with common.autocast(self.bf16_autocast):
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk)
-
-
-def build_policy(args, bf16):
-    """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
-    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun:
-    each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy."""
-    sharded = distributed.WORLD > 1
-    lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
-                             to_device=not sharded)
-    lm.config.use_cache = False
-    if args.lora_rank:
-        lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
-    if args.gradient_checkpointing:
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded)
-    if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in lm.get_decoder().layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
-    return policy.train()
-
-
 def rank_slice(micro_batch):
     """This rank's contiguous slice of a global micro-batch (per-device batch each)."""
     per = math.ceil(len(micro_batch) / distributed.WORLD)
     return micro_batch[distributed.RANK * per:(distributed.RANK + 1) * per]
-
-
-def sequence_logps(policy, examples, pad_id):
-    """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
-    input_ids, attn, answer = (t.to(common.device()) for t in preference_data.collate(examples, pad_id))
-    logp, n = policy(input_ids, attn, answer)
-    B = len(examples)
-    return logp[:B], logp[B:], n[:B], n[B:]
-
-
-@torch.no_grad()
-def reference_forward(policy, examples, pad_id):
-    """Summed answer log-probs of chosen and rejected without gradients (dpo's reference)."""
-    lp_c, lp_r, _, _ = sequence_logps(policy, examples, pad_id)
-    if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
-        policy.reshard()
-    return lp_c, lp_r
 
 
 # ----------------------------------------------------------------------------- one step
@@ -180,13 +95,13 @@ def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
     for mb in micro_batches:
         mine = rank_slice(mb)
         ex = [examples[i] for i in (mine or mb[:1])]
-        lp_c, lp_r, n_c, n_r = sequence_logps(policy, ex, pad_id)
+        lp_c, lp_r, n_c, n_r = policy_model.sequence_logps(policy, ex, pad_id)
         gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
         w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
         refs = (None, None)
         if args.loss == "dpo" and ref is None:  # LoRA: the reference is the model with its adapters off
             lora.set_enabled(policy, False)
-            refs = reference_forward(policy, ex, pad_id)
+            refs = policy_model.reference_forward(policy, ex, pad_id)
             lora.set_enabled(policy, True)
         elif ref is not None:
             idx = mine or mb[:1]
@@ -229,7 +144,7 @@ def reference_logps(policy, examples, batch_size, pad_id):
     got = []
     for b in common.progress(range(n_batches), desc="reference log-probs"):
         idx = mine[b * batch_size:(b + 1) * batch_size]
-        lp_c, lp_r = reference_forward(policy, [examples[i] for i in idx or [0]], pad_id)
+        lp_c, lp_r = policy_model.reference_forward(policy, [examples[i] for i in idx or [0]], pad_id)
         got += list(zip(idx, lp_c.float().tolist(), lp_r.float().tolist()))
     out = torch.zeros(len(examples), 2)
     for part in distributed.all_gather(got):
@@ -268,9 +183,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=common.positive_int, default=4, help="pairs per micro-batch per device (default 4)")
     p.add_argument("--grad-accum", type=common.positive_int, default=2, help="micro-batches per optimizer step (default 2)")
     p.add_argument("--max-length", type=common.positive_int, default=512, help="tokens per prompt + answer (default 512)")
-    p.add_argument("--head-chunk", type=int, default=HEAD_CHUNK,
+    p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
-                        f"recomputed in backward (default {HEAD_CHUNK}; 0 = all at once: more memory)")
+                        f"recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="lay a micro-batch's sequences end to end in one row, attention within each: no padding "
+                        "computed (default on; --no-pack pads every sequence to the longest)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
@@ -330,7 +248,6 @@ def dpo_reference(out, policy, examples, args, pad_id):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output)
-    common.return_freed_memory()
     common.seed_everything(args.seed)
     bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
     tok = common.load_tokenizer(args.model)
@@ -343,13 +260,13 @@ def main(argv=None):
             shutil.rmtree(out / old, ignore_errors=True)
         (out / "reference_logps.safetensors").unlink(missing_ok=True)
     distributed.barrier()
-    policy = build_policy(args, bf16)
+    policy = policy_model.build_policy(args, bf16)
     pad_id = tok.pad_token_id
     ref = dpo_reference(out, policy, examples, args, pad_id)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
     info = plan_info(args, examples, len(plan))
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
     start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
     metrics_path = out / "metrics.jsonl"
@@ -381,7 +298,7 @@ def main(argv=None):
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # gradient buffers kept: reallocating them each step fragments the heap
         s = reduce_stats(s)
         dt = time.time() - t0
         row = {"step": step + 1, "loss": s["loss"], "rewards/chosen": s["r_c"] / n, "rewards/rejected": s["r_r"] / n,

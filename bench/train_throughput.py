@@ -13,6 +13,7 @@ Under torchrun --batch-size is per device, as in train.py; pairs/s and tokens/s 
 whole job, peak memory is rank 0's.
 """
 import argparse
+import ctypes
 import random
 import resource
 import sys
@@ -24,8 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import distributed  # noqa: E402
+import policy_model  # noqa: E402
 import preference_data  # noqa: E402
 import train  # noqa: E402
+
+
+def return_freed_memory(mib):
+    """Make glibc give freed blocks above `mib` MiB back to the system (M_MMAP_THRESHOLD). By
+    default it raises that threshold after each large free, so later activations come from a
+    heap that keeps their memory, fragmented. train.py did this at 4 MiB until packing: 0.84x
+    of the peak memory for 0.89x of the speed (README, Benchmarks)."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, mib << 20)  # -3 = M_MMAP_THRESHOLD
 
 
 def matmul_peak(n=2048, reps=10):
@@ -70,33 +80,36 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--head-chunk", type=int, default=train.HEAD_CHUNK,
-                   help=f"train.py's --head-chunk (default {train.HEAD_CHUNK})")
-    p.add_argument("--freed-memory-mib", type=int, default=4,
-                   help="glibc returns freed blocks above this many MiB, as train.py does (default 4; "
-                        "0 = glibc's default behaviour)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="train.py's --pack (default on)")
+    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused AdamW, as train.py uses (default on; off: torch's foreach implementation)")
+    p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
+                   help=f"train.py's --head-chunk (default {policy_model.HEAD_CHUNK})")
+    p.add_argument("--freed-memory-mib", type=int, default=0,
+                   help="experiment: glibc returns freed blocks above this many MiB to the system (default 0: "
+                        "glibc's default behaviour, as train.py runs)")
     args = p.parse_args()
     if args.freed_memory_mib:
-        common.return_freed_memory(args.freed_memory_mib)  # as train.py does
+        return_freed_memory(args.freed_memory_mib)
     distributed.setup()
     peak = distributed.all_sum([matmul_peak()])[0]  # of all ranks together (torchrun gives each one thread)
     tok = common.load_tokenizer(args.model)
     hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk, model=args.model,
-                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing)
-    policy = train.build_policy(hp, bf16=False)
+                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack)
+    policy = policy_model.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=args.fused_adamw, foreach=not args.fused_adamw)
     n_params = sum(p.numel() for p in policy.parameters())  # a sharded parameter reports its full size
     train.train_step(policy, examples, [plan[0][0][:distributed.WORLD]], hp, tok.pad_token_id)  # warm-up, not counted
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)  # as train.py: gradient buffers kept
     distributed.barrier()
     t, pairs, tokens = time.time(), 0, 0
     for step in plan:
         s, n = train.train_step(policy, examples, step, hp, tok.pad_token_id)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         pairs += n
         tokens += sum(len(examples[i][k][0]) for mb in step for i in mb for k in ("chosen", "rejected"))
     distributed.barrier()
@@ -108,7 +121,7 @@ def main():
     print(f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
           f"{args.batch_size} per device x accumulation "
           f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
-          f"head chunk {args.head_chunk}, freed memory returned above "
+          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, freed memory returned above "
           f"{f'{args.freed_memory_mib} MiB' if args.freed_memory_mib else 'glibc default threshold'}")
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
     print(f"peak memory (max RSS) {rss:.2f} GiB"

@@ -98,15 +98,15 @@ def test_sampler_matches_distribution_top_p_and_greedy():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
     t = torch.ones(20000)
     u = torch.rand(20000, 1, generator=torch.Generator().manual_seed(0))
-    out = generation.InverseCdfSampler(t, 1.0, u)(None, logits)
+    out = generation.InverseCdfSampler(t, 1.0, u)(None, logits.clone())  # it marks the logits in place, as HF allows
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
-    out = generation.InverseCdfSampler(t, 0.7, u)(None, logits)
+    out = generation.InverseCdfSampler(t, 0.7, u)(None, logits.clone())
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.5 / 0.8) < 0.015  # tail beyond 0.8 mass is cut
-    out = generation.InverseCdfSampler(torch.zeros(20000), 1.0, u)(None, logits)
+    out = generation.InverseCdfSampler(torch.zeros(20000), 1.0, u)(None, logits.clone())
     assert (out.argmax(-1) == 0).all()
-    assert torch.isinf(out).sum(-1).eq(3).all()  # one finite logit per row
+    assert torch.isposinf(out).sum(-1).eq(1).all()  # the drawn token marked +inf, once per row
 
 
 def flags_of(source):

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import common
 import lora
+import policy_model
 import preference_data
 import train
 from conftest import read_jsonl, run, torchrun, write_jsonl
@@ -96,11 +97,11 @@ def test_lora_trains_only_adapters_and_starts_at_the_base(tiny_model_dir, tokeni
     base, _ = common.load_model(str(tiny_model_dir))
     model = tiny_lm(tiny_model_dir)
     ex = make_examples(tokenizer)
-    ids, attn, ans = preference_data.collate(ex, tokenizer.pad_token_id)
+    batch = preference_data.collate(ex, tokenizer.pad_token_id)
     with torch.no_grad():
-        assert torch.allclose(train.Policy(model)(ids, attn, ans)[0], train.Policy(base)(ids, attn, ans)[0], atol=1e-5)
+        assert torch.allclose(policy_model.Policy(model)(**batch)[0], policy_model.Policy(base)(**batch)[0], atol=1e-5)
     args = type("A", (), dict(loss="spa", alpha=1.0, beta=2.5, gamma=1.375))()
-    train.train_step(train.Policy(model), ex, [[0, 1, 2, 3]], args, tokenizer.pad_token_id)
+    train.train_step(policy_model.Policy(model), ex, [[0, 1, 2, 3]], args, tokenizer.pad_token_id)
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(n.endswith(("lora_A", "lora_B")) for n in with_grad)
     assert any(n.endswith("lora_B") for n in with_grad)

@@ -71,5 +71,5 @@ def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir):
         q0 = lp[1, zero]
         expect = torch.cat([(p[0] * (1 - q0))[None], p[1:], (p[0] * q0)[None]])
         assert torch.allclose(row, expect / expect.sum(), atol=1e-5)
-    assert score.common_prefix_length([[1, 2, 3, 4], [1, 2, 5, 6, 7]]) == 2
-    assert score.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 1  # two tokens stay in each tail
+    assert generation.common_prefix_length([[1, 2, 3, 4], [1, 2, 5, 6, 7]]) == 2
+    assert generation.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 1  # two tokens stay in each tail

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import policy_model
 import preference_data
 import train
 from conftest import read_jsonl, run, write_jsonl
@@ -48,14 +49,14 @@ def test_answer_logps_only_reads_answer_positions():
     logits = torch.randn(2, 6, 11)
     ids = torch.randint(0, 11, (2, 6))
     mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    lp, n = train.answer_logps(logits, torch.nn.Identity(), ids, mask)
+    lp, n = policy_model.answer_logps(logits, torch.nn.Identity(), ids, mask)
     full = logits.log_softmax(-1)
     expect = [full[0, 2, ids[0, 3]] + full[0, 3, ids[0, 4]], sum(full[1, t - 1, ids[1, t]] for t in range(2, 6))]
     assert torch.allclose(lp, torch.stack(expect)) and n.tolist() == [2, 4]
     # changing the prompt's tokens and the logits there changes nothing at the answer positions
     ids2, logits2 = ids.clone(), logits.clone()
     ids2[0, :2], logits2[0, :2] = 3, 0.0
-    assert torch.equal(train.answer_logps(logits2, torch.nn.Identity(), ids2, mask)[0], lp)
+    assert torch.equal(policy_model.answer_logps(logits2, torch.nn.Identity(), ids2, mask)[0], lp)
 
 
 def test_chunked_head_gives_the_same_log_probs_and_gradients():
@@ -68,7 +69,7 @@ def test_chunked_head_gives_the_same_log_probs_and_gradients():
     for chunk in (2, 1000):
         hidden = torch.randn(3, 7, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
         head.zero_grad()
-        lp, _ = train.answer_logps(hidden, head, ids, mask, chunk=chunk)
+        lp, _ = policy_model.answer_logps(hidden, head, ids, mask, chunk=chunk)
         (lp * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         results.append((lp.detach(), hidden.grad, head.weight.grad.clone()))
     for a, b in zip(*results):
@@ -80,7 +81,7 @@ def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
     """The projection at answer positions only gives the log-probs of a plain full forward."""
     model, _ = common.load_model(str(tiny_model_dir))
     ex = make_examples(tokenizer, 2)
-    lp_c, lp_r, n_c, _ = train.sequence_logps(train.Policy(model), ex, tokenizer.pad_token_id)
+    lp_c, lp_r, n_c, _ = policy_model.sequence_logps(policy_model.Policy(model), ex, tokenizer.pad_token_id)
     ids, n_p = ex[0]["chosen"]
     full = model(torch.tensor([ids])).logits[0].log_softmax(-1)
     expect = sum(full[t - 1, ids[t]] for t in range(n_p, len(ids)))
@@ -95,7 +96,7 @@ def test_prompt_tokens_do_not_change_masked_answer_logps(tiny_model_dir, tokeniz
     ida, na = a["chosen"]
     idb, nb = b["chosen"]
     assert ida[na:] == idb[nb:] and ida[:na] != idb[:nb]  # same answer tokens after different prompts
-    _, mask = None, preference_data.collate([a], tokenizer.pad_token_id)[2]
+    mask = preference_data.collate([a], tokenizer.pad_token_id)["answer_mask"]
     assert mask[0].sum() == len(ida) - na
 
 
@@ -146,7 +147,7 @@ def test_accumulation_gives_the_same_gradient(tiny_model_dir, tokenizer):
     out = []
     for micro in ([[0], [1], [2], [3]], [[0, 1, 2, 3]]):
         model, _ = common.load_model(str(tiny_model_dir))
-        s, n = train.train_step(train.Policy(model, head_chunk=7), ex, micro, args, tokenizer.pad_token_id)
+        s, n = train.train_step(policy_model.Policy(model, head_chunk=7), ex, micro, args, tokenizer.pad_token_id)
         assert n == 4 and s["zero_w"] == 1  # the pair with gap 0 has weight 0
         out.append((grads(model), s["loss"]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)

@@ -1,0 +1,129 @@
+"""The model being trained, as one module whose forward returns the summed log-probs of the
+answer tokens: padding-free packing of a micro-batch, the vocabulary head applied at answer
+positions only, gradient checkpointing, LoRA, and FSDP2 sharding under torchrun.
+
+Packing (train.py's default, --no-pack turns it off): the micro-batch's chosen and rejected
+sequences are laid end to end in one row of N tokens, positions restarting at 0 for each,
+and attention runs causally within each sequence (one SDPA call per sequence), so no padding
+token is ever computed. The padded layout (2B rows of the longest length) gives the same
+log-probs to float tolerance (tests/test_speed_paths.py).
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import common
+import distributed
+import lora
+import preference_data
+
+HEAD_CHUNK = 512  # answer positions per pass of the vocabulary head (--head-chunk)
+PACKED = "spa_packed"  # the attention implementation registered below
+
+
+def packed_attention(module, query, key, value, attention_mask, lengths=None, **kwargs):
+    """Causal attention within each of the sequences packed one after another in a row.
+    query: (1, heads, N, d), key/value: (1, kv_heads, N, d); lengths: the sequences' token
+    counts (sum N). Returns ((1, N, heads, d), None), as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if lengths is None:
+        raise ValueError(f"the {PACKED} attention needs the packed sequences' lengths")
+    outs, s = [], 0
+    for n in lengths:
+        o, _ = sdpa_attention_forward(module, query[:, :, s:s + n], key[:, :, s:s + n], value[:, :, s:s + n],
+                                      None, is_causal=True, **kwargs)
+        outs.append(o)
+        s += n
+    return torch.cat(outs, dim=1), None
+
+
+def token_logps(lm_head, hidden, targets):
+    """log pi(target | position) at N positions: hidden (N, H), targets (N,) -> (N,) float32."""
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK, seq=None, n_seqs=None):
+    """Summed log-probabilities of the answer tokens of each sequence, and their counts.
+    hidden: (R, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
+    input_ids: (R, T); answer_mask: (R, T), True where the token is an answer token;
+    seq: (R, T), the sequence each token belongs to (default: its row, R = n_seqs; packed: one
+    row holding n_seqs sequences). The projection runs only at the positions that predict an
+    answer token, `chunk` of them at a time (0: all at once); with gradients on, each chunk's
+    (chunk, V) float32 logits are recomputed in backward instead of kept.
+    Returns (logp (n_seqs,), n_tokens (n_seqs,))."""
+    if seq is None:
+        seq, n_seqs = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids), len(input_ids)
+    mask = answer_mask[:, 1:]  # token t is predicted at position t - 1 (a sequence's first token is never an answer)
+    owner = seq[:, 1:][mask]
+    h, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
+    chunk = chunk or len(h)
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    head = partial(checkpoint, token_logps, use_reentrant=False) if recompute else token_logps
+    lp = torch.cat([head(lm_head, h[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(h), chunk)])
+    total = torch.zeros(n_seqs, device=hidden.device).index_add(0, owner, lp)
+    return total, torch.bincount(owner, minlength=n_seqs)
+
+
+class Policy(nn.Module):
+    """The language model as one module whose forward returns the summed answer log-probs:
+    FSDP2 gathers a module's parameters around its forward, so the decoder and the
+    vocabulary head (applied only at answer positions) must run inside one forward."""
+
+    def __init__(self, lm, head_chunk=HEAD_CHUNK, bf16_autocast=False, pack=False):
+        super().__init__()
+        self.lm, self.head_chunk, self.bf16_autocast, self.pack = lm, head_chunk, bf16_autocast, pack
+        if pack:
+            from transformers import AttentionInterface
+            AttentionInterface.register(PACKED, packed_attention)
+            lm.set_attn_implementation(PACKED)
+
+    def forward(self, input_ids, answer_mask, seq, attention_mask=None, position_ids=None, lengths=None):
+        """A batch from preference_data.collate -> (logp, n_tokens), each (sequences,)."""
+        with common.autocast(self.bf16_autocast):
+            extra = {"lengths": lengths} if lengths is not None else {}
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, **extra).last_hidden_state
+            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk,
+                                seq, len(lengths) if lengths is not None else len(input_ids))
+
+
+def build_policy(args, bf16):
+    """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
+    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun:
+    each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy."""
+    sharded = distributed.WORLD > 1
+    lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
+                             to_device=not sharded)
+    lm.config.use_cache = False
+    if args.lora_rank:
+        lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
+    if args.gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded, pack=args.pack)
+    if sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+    return policy.train()
+
+
+def sequence_logps(policy, examples, pad_id):
+    """Summed answer log-probs and counts for chosen and rejected: 4 tensors of shape (B,)."""
+    batch = preference_data.collate(examples, pad_id, pack=policy.pack)
+    logp, n = policy(**{k: v.to(common.device()) if torch.is_tensor(v) else v for k, v in batch.items()})
+    B = len(examples)
+    return logp[:B], logp[B:], n[:B], n[B:]
+
+
+@torch.no_grad()
+def reference_forward(policy, examples, pad_id):
+    """Summed answer log-probs of chosen and rejected without gradients (dpo's reference)."""
+    lp_c, lp_r, _, _ = sequence_logps(policy, examples, pad_id)
+    if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
+        policy.reshard()
+    return lp_c, lp_r
