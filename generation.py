@@ -76,8 +76,9 @@ def inverse_cdf(w, u, block):
 
 
 def positions(mask, offset=0):
-    """Position ids for left-padded rows: (B, T) 0/1 mask -> (B, T), counting real tokens
-    from `offset` (pads get the first position; they are masked anyway)."""
+    """Position ids for padded rows: (B, T) 0/1 mask -> (B, T), counting real tokens from
+    `offset` (a pad, at the left or between head and tail, gets a neighbour's position; it
+    is masked anyway)."""
     return offset + (mask.cumsum(-1) - 1).clamp(min=0)
 
 
