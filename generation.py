@@ -182,11 +182,11 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
         t = torch.tensor([temps[i] for i in idx], dtype=torch.float32).repeat_interleave(num_return)
         u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, keys[i], j)))
                          for i in idx for j in range(num_return)])
-        sampler = InverseCdfSampler(t, top_p, u)
+        sampler = [InverseCdfSampler(t, top_p, u)] if (t > 0).any() else []  # all greedy: generate's own argmax
         with common.autocast():
             cache = prefilled_cache(model, ids, mask, head, num_return, max_new_tokens)
             out_ids = model.generate(**rows, past_key_values=cache, generation_config=cfg,
-                                  logits_processor=LogitsProcessorList([sampler]))
+                                     logits_processor=LogitsProcessorList(sampler))
         new = out_ids[:, ids.shape[1]:]
         if stats is not None:
             stats["tokens"] = stats.get("tokens", 0) + count_new_tokens(new, tok.eos_token_id)

@@ -45,17 +45,21 @@ def token_logps(lm_head, hidden, targets):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK, seq=None, n_seqs=None):
+def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK, lengths=None):
     """Summed log-probabilities of the answer tokens of each sequence, and their counts.
     hidden: (R, T, H) final hidden states; lm_head: (N, H) -> (N, V), the vocabulary projection;
     input_ids: (R, T); answer_mask: (R, T), True where the token is an answer token;
-    seq: (R, T), the sequence each token belongs to (default: its row, R = n_seqs; packed: one
-    row holding n_seqs sequences). The projection runs only at the positions that predict an
-    answer token, `chunk` of them at a time (0: all at once); with gradients on, each chunk's
-    (chunk, V) float32 logits are recomputed in backward instead of kept.
-    Returns (logp (n_seqs,), n_tokens (n_seqs,))."""
-    if seq is None:
-        seq, n_seqs = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids), len(input_ids)
+    lengths: None, each row one sequence (S = R); or packed, one row (R = 1) holding S
+    sequences of these lengths. The projection runs only at the positions that predict an
+    answer token, `chunk` of them at a time (0: all at once); with gradients on, each
+    chunk's (chunk, V) float32 logits are recomputed in backward instead of kept.
+    Returns (logp (S,), n_tokens (S,))."""
+    if lengths is None:
+        n_seqs = len(input_ids)
+        seq = torch.arange(n_seqs, device=input_ids.device)[:, None].expand_as(input_ids)
+    else:
+        n_seqs = len(lengths)
+        seq = torch.arange(n_seqs).repeat_interleave(torch.tensor(lengths))[None].to(input_ids.device)
     mask = answer_mask[:, 1:]  # token t is predicted at position t - 1 (a sequence's first token is never an answer)
     owner = seq[:, 1:][mask]
     h, targets = hidden[:, :-1][mask], input_ids[:, 1:][mask]
@@ -80,14 +84,13 @@ class Policy(nn.Module):
             AttentionInterface.register(PACKED, packed_attention)
             lm.set_attn_implementation(PACKED)
 
-    def forward(self, input_ids, answer_mask, seq, attention_mask=None, position_ids=None, lengths=None):
+    def forward(self, input_ids, answer_mask, attention_mask=None, position_ids=None, lengths=None):
         """A batch from preference_data.collate -> (logp, n_tokens), each (sequences,)."""
         with common.autocast(self.bf16_autocast):
             extra = {"lengths": lengths} if lengths is not None else {}
             hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, **extra).last_hidden_state
-            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk,
-                                seq, len(lengths) if lengths is not None else len(input_ids))
+            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk, lengths)
 
 
 def build_policy(args, bf16):

@@ -107,17 +107,16 @@ def load_pairs(path, tok, max_length, limit=None, need_gap=True):
 
 def collate(examples, pad_id, pack=False):
     """Chosen sequences then rejected ones, for one forward over both; a dict of policy_model.Policy's
-    arguments. Padded: 2B rows right-padded to the longest, input_ids, attention_mask,
-    answer_mask and seq (each token's sequence = its row) all (2B, T). Packed: the 2B
-    sequences end to end in one row of N tokens (no padding), input_ids, position_ids
-    (restarting at 0 for each sequence), answer_mask and seq all (1, N), and lengths (2B ints)."""
+    arguments. Padded: 2B rows right-padded to the longest, input_ids, attention_mask and
+    answer_mask all (2B, T). Packed: the 2B sequences end to end in one row of N tokens (no
+    padding), input_ids, position_ids (restarting at 0 for each sequence) and answer_mask all
+    (1, N), and lengths (2B ints)."""
     seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
     if pack:
         ids = torch.tensor([t for s, _ in seqs for t in s])[None]
         pos = torch.cat([torch.arange(len(s)) for s, _ in seqs])[None]
-        seq = torch.cat([torch.full((len(s),), i) for i, (s, _) in enumerate(seqs)])[None]
         answer = torch.cat([torch.arange(len(s)) >= n_p for s, n_p in seqs])[None]
-        return dict(input_ids=ids, position_ids=pos, answer_mask=answer, seq=seq, lengths=[len(s) for s, _ in seqs])
+        return dict(input_ids=ids, position_ids=pos, answer_mask=answer, lengths=[len(s) for s, _ in seqs])
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), T), dtype=torch.bool)
@@ -126,8 +125,7 @@ def collate(examples, pad_id, pack=False):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attn[i, :len(ids)] = True
         answer[i, n_p:len(ids)] = True
-    seq = torch.arange(len(seqs))[:, None].expand(len(seqs), T)
-    return dict(input_ids=input_ids, attention_mask=attn, answer_mask=answer, seq=seq)
+    return dict(input_ids=input_ids, attention_mask=attn, answer_mask=answer)
 
 
 def make_plan(examples, batch_size, accum, epochs, seed):

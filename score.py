@@ -86,14 +86,13 @@ def rating_distribution(model, tok, conversations, batch_size=16):
     P = generation.common_prefix_length(seqs)
     dev = model.device
     with common.autocast():
-        decoder = model.get_decoder()  # the head's KV cache only: no logits
+        decoder = model.get_decoder()  # the vocabulary head runs only at the two positions read
         head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values if P else None
     out = []
     for start in range(0, len(seqs), batch_size):
-        tails = [s[P:] for s in seqs[start:start + batch_size]]
-        T = max(len(t) for t in tails)  # pad on the left of each tail, between head and tail
-        tail_ids = torch.tensor([[tok.pad_token_id] * (T - len(t)) + t for t in tails], device=dev)
-        tail_mask = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], device=dev)
+        tails = [s[P:] for s in seqs[start:start + batch_size]]  # padded on their left, between head and tail
+        tail_ids, tail_mask, _ = generation.head_and_tails(tails, tok.pad_token_id, share_head=False)
+        tail_ids, tail_mask = tail_ids.to(dev), tail_mask.to(dev)
         mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
         pos = generation.positions(tail_mask, P)
         cache = None
@@ -101,7 +100,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
             cache = copy.deepcopy(head)
             cache.batch_repeat_interleave(len(tails))
         with common.autocast():
-            hidden = model.get_decoder()(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
+            hidden = decoder(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
                                          past_key_values=cache, use_cache=head is not None).last_hidden_state
             logits = model.get_output_embeddings()(hidden[:, -2:]).float()  # (B, 2, V)
         first = logits[:, 0 if two else 1].log_softmax(-1)
