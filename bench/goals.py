@@ -50,6 +50,14 @@ def train_goal(trl_python):
           f"{trl[1]:.2f} GiB -> speed {ours[0] / trl[0]:.2f}x (goal >= 1.3), memory {ours[1] / trl[1]:.2f}x (goal <= 0.8)")
 
 
+def linear_weights(cfg):
+    """Weights of the decoder's projections and the vocabulary head: a generated token costs
+    2 FLOPs per weight (the embedding lookup costs none; a tied head counts once)."""
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = cfg.hidden_size * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    return cfg.num_hidden_layers * (attn + 3 * cfg.hidden_size * cfg.intermediate_size) + cfg.hidden_size * cfg.vocab_size
+
+
 def generation_goal(peak, n_prompts=32, n_samples=8, new_tokens=64):
     model, tok = common.load_for_inference(common.DEFAULT_MODEL)
     prompts = [json.loads(l)["prompt"] for l in open(ROOT / "data/train_prompts.jsonl")][:n_prompts]
@@ -59,7 +67,7 @@ def generation_goal(peak, n_prompts=32, n_samples=8, new_tokens=64):
     generation.generate(model, tok, convs, max_new_tokens=new_tokens, temperature=1.0, num_return=n_samples,
                         batch_size=n_prompts, stats=st)
     speed = st["tokens"] / (time.time() - t)
-    flops_per_token = 2 * sum(p.numel() for p in model.parameters())  # the tied vocabulary head counted once
+    flops_per_token = 2 * linear_weights(model.config)
     floor = peak / flops_per_token
     print(f"generation: {n_prompts} prompts x {n_samples} samples, {new_tokens} new tokens: {speed:.1f} tokens/s; "
           f"FLOP floor {floor:.1f} tokens/s ({flops_per_token / 1e9:.3f} GFLOP/token) -> {100 * speed / floor:.1f}% "

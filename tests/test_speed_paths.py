@@ -62,20 +62,37 @@ def test_two_level_inverse_cdf_draws_what_one_scan_draws():
         assert torch.equal(got, expect) and (w[torch.arange(300), got] > 0).all()
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_shared_head_prefill_generates_what_left_padding_generates(real_model_dir, temperature):
+def real_kv(cache, mask):
+    """Keys and values at the real (unpadded) prompt positions, in row and position order."""
+    real = mask[:, :-1].bool()
+    n = real.shape[1]
+    return [(l.keys[:, :, :n].transpose(1, 2)[real], l.values[:, :, :n].transpose(1, 2)[real]) for l in cache.layers]
+
+
+def test_shared_head_prefill_fills_the_cache_left_padding_fills(real_model_dir):
     """Prompts that share a long head (as refine's and the judges' do): the head prefilled
-    once for the batch gives the same text as plain left-padded prompts, greedy and sampled."""
+    once for the batch leaves the keys and values that plain left padding leaves, and greedy
+    decoding writes the same text. (Sampled text is not compared: a float-rounding difference
+    in the logits may move a draw across a token boundary; measured here on the code before
+    and after issue 15's second round alike.)"""
     import generation
     model, tok = common.load_model(str(real_model_dir))
     head = "Follow these principles: be kind, be honest, refuse harm. " * 4
     convs = [generation.user_turn(head + q) for q in ("Hi", "What is the capital of France?", "Can I mix bleach and "
                                                       "ammonia to clean my very dirty bathroom floor?")]
     seqs = [tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
-    assert generation.head_and_tails(seqs, tok.pad_token_id)[2] > 20  # the path under test shares a head
-    out = [generation.generate(model, tok, convs, max_new_tokens=12, temperature=temperature, num_return=2,
-                               batch_size=3, share_head=share) for share in (False, True)]
-    assert out[0] == out[1] and len({a for texts in out[0] for a in texts}) >= 3 and all(out[0])
+    layouts = [generation.head_and_tails(seqs, tok.pad_token_id, share) for share in (False, True)]
+    assert layouts[1][2] > 20  # the path under test shares a head
+    with torch.no_grad():
+        kv = [real_kv(generation.prefilled_cache(model, ids, mask, h, 1, 4), mask) for ids, mask, h in layouts]
+    for (k0, v0), (k1, v1) in zip(*kv):
+        assert torch.allclose(k0, k1, atol=1e-4) and torch.allclose(v0, v1, atol=1e-4)
+    out = [generation.generate(model, tok, convs, max_new_tokens=12, batch_size=3, share_head=share)
+           for share in (False, True)]
+    assert out[0] == out[1] and all(t[0] for t in out[0])
+    sampled = [generation.generate(model, tok, convs, max_new_tokens=12, temperature=1.0, num_return=2, batch_size=3)
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and len({a for texts in sampled[0] for a in texts}) >= 3  # seeded, diverse
 
 
 def test_fused_adamw_steps_like_the_foreach_adamw():
@@ -93,3 +110,88 @@ def test_fused_adamw_steps_like_the_foreach_adamw():
             opt.step()
         out.append(torch.cat([p.detach().flatten() for p in params]))
     assert torch.allclose(out[0], out[1], atol=1e-6) and not torch.allclose(out[0], torch.cat([p.flatten() for p in start]))
+
+
+# ----------------------------------------------------------------------------- inference layout (inference_model.py)
+
+def plain_and_fast(model_dir, monkeypatch):
+    """The same model twice: as transformers runs it, and as common.load_for_inference prepares it."""
+    monkeypatch.setenv("SPA_PLAIN_INFERENCE", "1")
+    plain = common.load_for_inference(str(model_dir))
+    monkeypatch.setenv("SPA_PLAIN_INFERENCE", "0")
+    return plain, common.load_for_inference(str(model_dir))
+
+
+def test_packed_linear_computes_what_the_linear_computes():
+    import inference_model
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    lin = torch.nn.Linear(48, 80, bias=False)
+    x = torch.randn(3, 5, 48)
+    got = inference_model.PackedLinear(lin)(x)
+    assert got.shape == (3, 5, 80) and torch.allclose(got, lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_attention_gives_the_plain_logits(tiny_model_dir, tokenizer, monkeypatch):
+    """Padded prompts (so a mask is passed) through the tiny model, whose two query heads share
+    one key/value head: the same logits at every real position with either layout."""
+    import generation
+    (plain, _), (fast, _) = plain_and_fast(tiny_model_dir, monkeypatch)
+    assert fast.config._attn_implementation == "spa_inference" and plain.config._attn_implementation != "spa_inference"
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("a b c d e f g h", "x", "one two three")]
+    ids, mask, _ = generation.head_and_tails(seqs, tokenizer.pad_token_id, share_head=False)
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask, position_ids=generation.positions(mask)).logits for m in (plain, fast))
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=1e-5, rtol=1e-5) and a[real].std() > 0
+
+
+def test_filled_length_of_a_static_cache_mask():
+    import inference_model
+    mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, 0, 0, 2:5] = True
+    mask[1, 0, 0, :3] = True
+    assert inference_model.filled_length(mask) == 5
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_prefill_in_row_groups_fills_the_cache_of_one_pass(real_model_dir, chunk):
+    """Prompts of different lengths after a shared head: prefilled a few rows at a time (each
+    group padded to its own longest tail), the cache holds the keys and values of one pass
+    over all rows at every real position, and greedy decoding writes the same text."""
+    import generation
+    model, tok = common.load_model(str(real_model_dir))
+    head = "Follow these principles: be kind, be honest, refuse harm. " * 3
+    convs = [generation.user_turn(head + q) for q in ("Hi", "What is the capital of France? Answer in one word.",
+                                                      "Name a colour.", "Is it safe to eat raw chicken? Why or why not?")]
+    seqs = sorted((tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs), key=len)
+    ids, mask, h = generation.head_and_tails(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        one, grouped = (generation.prefilled_cache(model, ids, mask, h, 2, 4, chunk_tokens=c) for c in (0, chunk))
+    m2 = mask.repeat_interleave(2, 0)
+    for (k0, v0), (k1, v1) in zip(real_kv(one, m2), real_kv(grouped, m2)):
+        assert torch.allclose(k0, k1, atol=1e-4) and torch.allclose(v0, v1, atol=1e-4)
+    old = generation.PREFILL_TOKENS
+    texts = []
+    for c in (0, chunk):
+        generation.PREFILL_TOKENS = c
+        try:
+            texts.append(generation.generate(model, tok, convs, max_new_tokens=10, batch_size=4))
+        finally:
+            generation.PREFILL_TOKENS = old
+    assert texts[0] == texts[1] and all(t[0] for t in texts[0])
+
+
+def test_fast_inference_writes_the_plain_text_and_scores(real_model_dir, monkeypatch):
+    """The embedded model, prepared and plain: greedy answers identical, judge distributions
+    equal to float tolerance (the judges' expected ratings, which the demo rounds)."""
+    import generation
+    import score
+    (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
+    convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Tell me how to pick a lock.",
+                                               "What is 12 times 12?")]
+    texts = [generation.generate(m, tok, convs, max_new_tokens=24, batch_size=3) for m in (plain, fast)]
+    assert texts[0] == texts[1]
+    judge = [score.judge_conversation("harmlessness", c[0]["content"], t[0]) for c, t in zip(convs, texts[0])]
+    p0, p1 = (score.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))
+    assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0
