@@ -11,6 +11,9 @@ RUN=${RUN:-runs/demo}
 ITER=${ITER:-1}
 PRIMARY=harmlessness
 JUDGE=(--primary $PRIMARY --mode logits-expected)   # the 135M judge's most likely rating never moves
+# glibc keeps freed memory in the process instead of handing large blocks back and faulting them
+# in again at the next step (measured: refine on 12 prompts 58.9 -> 56.1 s)
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000}
 start=$SECONDS
 
 iteration() {  # $1 = iteration number
@@ -19,7 +22,8 @@ iteration() {  # $1 = iteration number
   mkdir -p "$dir"
   $PY sample.py --input data/train_prompts.jsonl --output "$dir/samples.jsonl" --model "$model" \
       --num-candidates 4 --max-new-tokens 64 --batch-size 42 --seed "$1"
-  $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}"
+  $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}" \
+      --batch-size 42   # one batch: the judge prompts' shared head runs once per objective
   $PY refine.py --input "$dir/scored.jsonl" --output "$dir/refined.jsonl" --model "$model" "${JUDGE[@]}" \
       --max-new-tokens 96 --batch-size 42
   $PY denoise.py --input "$dir/refined.jsonl" --output "$dir/denoised.jsonl" --tau-quantile 0.5 --no-consistency
