@@ -65,27 +65,33 @@ def verdicts(judge, triples, objective):
 
 def generate_responses(path, prompts, models, args):
     """responses.jsonl: one record per (model, prompt), id 'model/prompt id'. Under torchrun
-    each rank answers its share; the merged file is returned as {id: record} on every rank."""
+    each rank answers its share; the merged file is returned as {id: record} on every rank,
+    with the last model loaded as (path, model, tokenizer): the model that is also the local
+    judge answers last, so the judge reuses it instead of loading it again."""
     wanted = [dict(p, id=f"{name}/{p['id']}", prompt_id=p["id"], model=name) for name, _ in models for p in prompts]
     settings = dict(models=models, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    loaded = None
     with Output(path, wanted, settings, args.overwrite, args.input) as out:
-        for name, model_path in models:
+        for name, model_path in sorted(models, key=lambda m: m[1] == args.judge):  # output order is input order
             batches = out.batches(args.batch_size, where=lambda r: r["model"] == name)
             if not batches:
                 continue
+            loaded = None
             model, tok = common.load_for_inference(model_path)
             for batch in common.progress(batches, desc=f"answer {name}"):
                 texts = generation.generate(model, tok, [generation.user_turn(r["prompt"]) for r in batch],
                                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                             batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
                 out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
+            loaded = (model_path, model, tok)
             del model
-    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}
+    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}, loaded
 
 
-def judge_all(path, responses, models, args):
+def judge_all(path, responses, models, args, loaded=None):
     """judgments.jsonl: scores per response (id 'model/prompt id'), then pairwise verdicts
-    (id 'pairwise/prompt id') when there is a baseline. Each rank judges its share."""
+    (id 'pairwise/prompt id') when there is a baseline. Each rank judges its share; a local
+    judge that is `loaded` (path, model, tokenizer) is not loaded again."""
     obj = args.primary
     names = [n for n, _ in models]
     ans = lambda pid, n: responses[f"{n}/{pid}"]["response"]
@@ -98,7 +104,8 @@ def judge_all(path, responses, models, args):
                    for pid in sorted({r["prompt_id"] for r in responses.values()})]
     with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
         batches = out.batches(args.batch_size)
-        judge = score.Judge(args, args.judge) if batches else None
+        reuse = loaded[1:] if loaded and loaded[0] == args.judge and not args.judge_api_base else (None, None)
+        judge = score.Judge(args, args.judge, *reuse) if batches else None
         for batch in common.progress(batches, desc="judge"):
             done = []
             for kind in ("score", "pairwise"):
@@ -146,8 +153,8 @@ def main():
     if len({n for n, _ in models}) < len(models):
         raise common.InputError(f"--name {name!r} equals --baseline-name; give them different names")
     out = Path(args.output)
-    responses = generate_responses(out / "responses.jsonl", prompts, models, args)
-    judgments = judge_all(out / "judgments.jsonl", responses, models, args)
+    responses, loaded = generate_responses(out / "responses.jsonl", prompts, models, args)
+    judgments = judge_all(out / "judgments.jsonl", responses, models, args, loaded)
     names = [n for n, _ in models]
     result = report.build_report(judgments, names, args.primary)
     if distributed.is_main():

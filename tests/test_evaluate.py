@@ -1,5 +1,7 @@
 """evaluate.py: metrics, the agreement rule, the HTTP judge on a local server, report, resume."""
 import json
+import shutil
+import sys
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -158,3 +160,27 @@ def test_gathered_table_equals_the_per_directory_reports(tmp_path):
             assert r in gathered
     root = __import__("xml.etree.ElementTree", fromlist=["x"]).parse(tmp_path / "all" / "result.svg").getroot()
     assert sum(g.get("class") == "model" for g in root.iter("{http://www.w3.org/2000/svg}g")) == 3
+
+
+def test_the_baseline_that_is_also_the_judge_is_loaded_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Two models answer, the baseline judges: two loads, not three, and the same records as a
+    judge loaded on its own (a second run judges from a fresh load: its judgments are equal)."""
+    loads = []
+    real = common.load_for_inference
+    monkeypatch.setattr(common, "load_for_inference", lambda name: loads.append(str(name)) or real(name))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    inp = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Is {i} safe?"} for i in range(3)])
+    argv = lambda out, judge: ["evaluate.py", "--input", str(inp), "--output", str(out), "--model", str(other),
+                               "--baseline", str(tiny_model_dir), "--judge", str(judge), "--mode", "logits",
+                               "--max-new-tokens", "4", "--judge-max-tokens", "3"]
+    monkeypatch.setattr(sys, "argv", argv(tmp_path / "reused", tiny_model_dir))
+    evaluate.main()
+    assert loads == [str(other), str(tiny_model_dir)]  # the judge answered last and was not loaded again
+    loads.clear()
+    judge_copy = tmp_path / "judge"
+    shutil.copytree(tiny_model_dir, judge_copy)
+    monkeypatch.setattr(sys, "argv", argv(tmp_path / "fresh", judge_copy))
+    evaluate.main()
+    assert loads == [str(tiny_model_dir), str(other), str(judge_copy)]
+    assert read_jsonl(tmp_path / "reused" / "judgments.jsonl") == read_jsonl(tmp_path / "fresh" / "judgments.jsonl")
