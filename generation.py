@@ -152,7 +152,12 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
             v[part, :, :head], v[part, :, lead:] = kv.values[:, :, :head], kv.values[:, :, head:]
     cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
     for layer, k, v in zip(cache.layers, keys, values):
-        layer.update(k.repeat_interleave(num_return, 0), v.repeat_interleave(num_return, 0))
+        # each prompt's rows written straight into the static cache, (B, H, T-1, D) -> (B * num_return, H, ., D):
+        # no repeated copy in between (on the CPU its fresh memory cost more in page faults than the copy itself)
+        layer.lazy_initialization(k[:1, :, :1].expand(B * num_return, -1, -1, -1), v[:1, :, :1])
+        for full, part in ((layer.keys, k), (layer.values, v)):
+            full.view(B, num_return, *full.shape[1:])[:, :, :, :T - 1] = part[:, None]
+        layer.cumulative_length.add_(T - 1)
     return cache
 
 
