@@ -66,32 +66,33 @@ def verdicts(judge, triples, objective):
 def generate_responses(path, prompts, models, args):
     """responses.jsonl: one record per (model, prompt), id 'model/prompt id'. Under torchrun
     each rank answers its share; the merged file is returned as {id: record} on every rank,
-    with the last model loaded as (path, model, tokenizer): the model that is also the local
-    judge answers last, so the judge reuses it instead of loading it again."""
+    with (model, tokenizer) of the model that is also the local judge, if it was loaded (else
+    None): that model answers last, so the judge reuses it instead of loading it again."""
     wanted = [dict(p, id=f"{name}/{p['id']}", prompt_id=p["id"], model=name) for name, _ in models for p in prompts]
     settings = dict(models=models, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    loaded = None
+    judge_path = None if args.judge_api_base else args.judge
+    judge = None
     with Output(path, wanted, settings, args.overwrite, args.input) as out:
-        for name, model_path in sorted(models, key=lambda m: m[1] == args.judge):  # output order is input order
+        for name, model_path in sorted(models, key=lambda m: m[1] == judge_path):  # output order is input order
             batches = out.batches(args.batch_size, where=lambda r: r["model"] == name)
             if not batches:
                 continue
-            loaded = None
+            judge = None  # model and baseline may be one directory: never two copies at once
             model, tok = common.load_for_inference(model_path)
             for batch in common.progress(batches, desc=f"answer {name}"):
                 texts = generation.generate(model, tok, [generation.user_turn(r["prompt"]) for r in batch],
                                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                             batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
                 out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
-            loaded = (model_path, model, tok)
+            judge = (model, tok) if model_path == judge_path else None  # any other model is freed here
             del model
-    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}, loaded
+    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}, judge
 
 
 def judge_all(path, responses, models, args, loaded=None):
     """judgments.jsonl: scores per response (id 'model/prompt id'), then pairwise verdicts
     (id 'pairwise/prompt id') when there is a baseline. Each rank judges its share; a local
-    judge that is `loaded` (path, model, tokenizer) is not loaded again."""
+    judge already `loaded` (model, tokenizer) is not loaded again."""
     obj = args.primary
     names = [n for n, _ in models]
     ans = lambda pid, n: responses[f"{n}/{pid}"]["response"]
@@ -104,8 +105,7 @@ def judge_all(path, responses, models, args, loaded=None):
                    for pid in sorted({r["prompt_id"] for r in responses.values()})]
     with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
         batches = out.batches(args.batch_size)
-        reuse = loaded[1:] if loaded and loaded[0] == args.judge and not args.judge_api_base else (None, None)
-        judge = score.Judge(args, args.judge, *reuse) if batches else None
+        judge = score.Judge(args, args.judge, *(loaded or (None, None))) if batches else None
         for batch in common.progress(batches, desc="judge"):
             done = []
             for kind in ("score", "pairwise"):
