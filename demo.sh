@@ -41,7 +41,7 @@ train() {  # pairs, output, starting model, loss
 evaluate() {  # model, name, output
   $PY evaluate.py --input data/eval_prompts.jsonl --output "$3" --model "$1" --name "$2" \
       --baseline SmolLM2-135M-Instruct --baseline-name Vanilla "${JUDGE[@]}" --max-new-tokens 96 \
-      --judge-max-tokens 24 --batch-size 21
+      --judge-max-tokens 24 --batch-size 21 --judge-batch-size 42   # 21 comparisons x 2 orders: one generate call
 }
 
 if [ "${1:-}" = ablations ]; then

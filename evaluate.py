@@ -104,26 +104,24 @@ def judge_all(path, responses, models, args, loaded=None):
                     "answers": [ans(pid, test), ans(pid, base)]}
                    for pid in sorted({r["prompt_id"] for r in responses.values()})]
     with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
-        batches = out.batches(args.batch_size)
-        judge = score.Judge(args, args.judge, *(loaded or (None, None))) if batches else None
-        for batch in common.progress(batches, desc="judge"):
-            done = []
-            for kind in ("score", "pairwise"):
-                part = [w for w in batch if w["kind"] == kind]
-                if not part:
-                    continue
+        # one kind per batch: a batch's verdicts, both orders, go to the judge in one call
+        parts = [(kind, out.batches(args.batch_size, where=lambda w, k=kind: w["kind"] == k))
+                 for kind in ("score", "pairwise")]
+        judge = score.Judge(args, args.judge, *(loaded or (None, None))) if any(b for _, b in parts) else None
+        for kind, batches in parts:
+            for batch in common.progress(batches, desc=f"judge {kind}"):
                 if kind == "score":
-                    items = [(w["prompt"], w["response"]) for w in part]
+                    items = [(w["prompt"], w["response"]) for w in batch]
                     a, b = ([s["score"] for s in judge.scores(items, o)] for o in (obj, "helpfulness"))
-                    done += [{"id": w["id"], "prompt": w["prompt"], "kind": kind, "model": w["model"],
-                              "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x, "score_b": y}
-                             for w, x, y in zip(part, a, b)]
-                else:
-                    first = verdicts(judge, [(w["prompt"], *w["answers"]) for w in part], obj)
-                    second = verdicts(judge, [(w["prompt"], *w["answers"][::-1]) for w in part], obj)
-                    done += [dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
-                                  outcome=pairwise_outcome(f, s)) for w, f, s in zip(part, first, second)]
-            out.write(done)
+                    out.write([{"id": w["id"], "prompt": w["prompt"], "kind": kind, "model": w["model"],
+                                "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x,
+                                "score_b": y} for w, x, y in zip(batch, a, b)])
+                    continue
+                both = verdicts(judge, [(w["prompt"], *w["answers"]) for w in batch]
+                                + [(w["prompt"], *w["answers"][::-1]) for w in batch], obj)
+                first, second = both[:len(batch)], both[len(batch):]
+                out.write([dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
+                                outcome=pairwise_outcome(f, s)) for w, f, s in zip(batch, first, second)])
     return [rec for _, _, rec in common.read_jsonl(path)]
 
 

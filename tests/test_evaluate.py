@@ -1,4 +1,5 @@
 """evaluate.py: metrics, the agreement rule, the HTTP judge on a local server, report, resume."""
+import argparse
 import json
 import shutil
 import sys
@@ -184,3 +185,31 @@ def test_the_baseline_that_is_also_the_judge_is_loaded_once(tmp_path, tiny_model
     evaluate.main()
     assert loads == [str(tiny_model_dir), str(other), str(judge_copy)]
     assert read_jsonl(tmp_path / "reused" / "judgments.jsonl") == read_jsonl(tmp_path / "fresh" / "judgments.jsonl")
+
+
+def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
+    """Both orders of a batch's comparisons go to the judge in one call: a judge that always
+    prefers the answer saying 'good' must give 'win' where the model's answer is the good one
+    and 'lose' where the baseline's is (3 comparisons in batches of 2)."""
+    class Stub:
+        def __init__(self, *args):
+            pass
+
+        def scores(self, items, objective):
+            return [{"score": 5} for _ in items]
+
+        def ask(self, conversations, parse):
+            firsts = [c[-1]["content"].split("Answer A:")[1].split("Answer B:")[0] for c in conversations]
+            return [parse("Winner: A" if "good" in a else "Winner: B") for a in firsts]
+
+    monkeypatch.setattr(score, "Judge", Stub)
+    models = [("Vanilla", "base"), ("SPA", "spa")]
+    responses = {f"{n}/p{i}": {"id": f"{n}/p{i}", "prompt_id": f"p{i}", "prompt": f"question {i}", "model": n,
+                               "response": "good" if (n == "SPA") == (i % 2 == 0) else "bad"}
+                 for n, _ in models for i in range(3)}
+    args = argparse.Namespace(primary="harmlessness", batch_size=2, overwrite=False, judge="base", mode="logits",
+                              judge_api_base=None, judge_model="m", judge_max_tokens=4)
+    judged = evaluate.judge_all(tmp_path / "j.jsonl", responses, models, args)
+    outcomes = {r["prompt_id"]: r["outcome"] for r in judged if r["kind"] == "pairwise"}
+    assert outcomes == {"p0": "win", "p1": "lose", "p2": "win"}
+    assert sum(r["kind"] == "score" for r in judged) == 6
