@@ -10,6 +10,7 @@ import hashlib
 import torch
 
 import common
+import inference_model
 
 
 def chat_text(tok, messages, add_generation_prompt=True):
@@ -222,8 +223,9 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
         sampler = [InverseCdfSampler(t, top_p, u)] if (t > 0).any() else []  # all greedy: generate's own argmax
         with common.autocast():
             cache = prefilled_cache(model, ids, mask, head, num_return, max_new_tokens)
-            out_ids = model.generate(**rows, past_key_values=cache, generation_config=cfg,
-                                     logits_processor=LogitsProcessorList(sampler))
+            with inference_model.shared_head(head):  # decoding reads the rows' common head once
+                out_ids = model.generate(**rows, past_key_values=cache, generation_config=cfg,
+                                         logits_processor=LogitsProcessorList(sampler))
         new = out_ids[:, ids.shape[1]:]
         if stats is not None:
             stats["tokens"] = stats.get("tokens", 0) + count_new_tokens(new, tok.eos_token_id)

@@ -11,9 +11,18 @@ training.
               oneDNN product over a weight re-laid out once at load, instead of F.linear's
               MKL product (faster at every shape measured but the largest, see PackedLinear)
 
-SPA_PLAIN_INFERENCE=1 turns both off (the plain transformers model), for comparisons;
+  shared head in decoding on the CPU, the head a batch's prompts begin with (instructions and
+              constitution, prefilled once and copied to every row) is read once for all rows:
+              every row's query attends to row 0's copy of the head in one pass, to its own
+              keys in a second, and the two softmaxes are merged by their log-sum-exps (exact
+              to float rounding). Each decoding step reads the whole KV cache from memory:
+              266 of refine's ~700 cached tokens are its head (refine's attention 10.7 -> 8.7 s;
+              in prefill the split measured slower, 8.4 -> 10.8 s in score.py, so it is not used)
+
+SPA_PLAIN_INFERENCE=1 turns all three off (the plain transformers model), for comparisons;
 tests/test_speed_paths.py checks that both give the same text and judge scores.
 """
+import contextlib
 import os
 
 import torch
@@ -21,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION = "spa_inference"  # the attention implementation registered below
+_shared = [0]  # keys every row has in common at its start (set by shared_head)
 
 
 def plain():
@@ -31,6 +41,35 @@ def filled_length(mask):
     """Key positions up to the last one any query may attend to: (B, 1, T, S) bool -> int."""
     cols = mask.any(dim=2).any(dim=0)[0]  # (S,)
     return int(cols.nonzero()[-1]) + 1 if cols.any() else mask.shape[-1]
+
+
+@contextlib.contextmanager
+def shared_head(n):
+    """Within it, every row's first n keys and values are the same and no query masks them
+    (generation.head_and_tails lays batches out so)."""
+    old, _shared[0] = _shared[0], n
+    try:
+        yield
+    finally:
+        _shared[0] = old
+
+
+def head_then_tail_attention(q, key, value, mask, head, scale):
+    """softmax(q [K_head | K_tail]^T) [V_head | V_tail] from two partial attentions, merged:
+    out = w_h o_h + w_t o_t with w = exp(lse_part - logaddexp(lse_h, lse_t)).
+    q (B, KV, M, D); key/value (B, KV, S, D) whose first `head` positions are the same in
+    every row and attended by every query; mask (B, 1, M, S) bool. The head is read once
+    (row 0's copy), by all B*M query rows at once. Returns (B, KV, M, D)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's CPU kernel, with its lse
+    B, KV, M, D = q.shape
+    o_h, lse_h = flash(q.transpose(0, 1).reshape(1, KV, B * M, D), key[:1, :, :head], value[:1, :, :head], scale=scale)
+    o_h, lse_h = o_h.reshape(KV, B, M, D).transpose(0, 1), lse_h.reshape(KV, B, M).transpose(0, 1)
+    tail = mask[..., head:]
+    bias = torch.zeros(tail.shape, dtype=q.dtype).masked_fill_(~tail, float("-inf"))  # the kernel wants a float mask
+    o_t, lse_t = flash(q, key[:, :, head:], value[:, :, head:], attn_mask=bias, scale=scale)
+    lse_t = lse_t.masked_fill(~tail.any(-1), float("-inf"))  # a query with no tail key (padding): the kernel says 0
+    lse = torch.logaddexp(lse_h, lse_t)
+    return o_h * (lse_h - lse).exp()[..., None] + o_t * (lse_t - lse).exp()[..., None]
 
 
 def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -49,7 +88,11 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query.reshape(B, H // G, G * T, D)  # row g*T + t of block k: head k*G + g at position t
     if T > 1:
         mask = mask[:, :, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
+    head = _shared[0]
+    if head and T == 1 and B > 1 and S > head and q.device.type == "cpu" and not dropout:  # decoding
+        out = head_then_tail_attention(q, key, value, mask, head, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
     return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
 
 

@@ -146,6 +146,22 @@ def test_grouped_attention_gives_the_plain_logits(tiny_model_dir, tokenizer, mon
     assert torch.allclose(a[real], b[real], atol=1e-5, rtol=1e-5) and a[real].std() > 0
 
 
+def test_attention_over_a_shared_head_is_the_one_pass_attention():
+    """The head read once and merged with each row's tail (inference_model.head_then_tail_attention)
+    against one SDPA pass over the whole keys; one query has no tail key at all (a pad)."""
+    import inference_model
+    torch.manual_seed(0)
+    B, KV, M, D, S, head = 3, 2, 5, 8, 9, 4
+    q, key, value = torch.randn(B, KV, M, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    key[:, :, :head], value[:, :, :head] = key[:1, :, :head], value[:1, :, :head]
+    mask = torch.rand(B, 1, M, S) > 0.4
+    mask[..., :head] = True
+    mask[1, 0, 2, head:] = False
+    want = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=0.3)
+    got = inference_model.head_then_tail_attention(q, key, value, mask, head, 0.3)
+    assert torch.allclose(got, want, atol=1e-5) and want.std() > 0
+
+
 def test_filled_length_of_a_static_cache_mask():
     import inference_model
     mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
@@ -187,11 +203,15 @@ def test_fast_inference_writes_the_plain_text_and_scores(real_model_dir, monkeyp
     equal to float tolerance (the judges' expected ratings, which the demo rounds)."""
     import generation
     import score
+    import inference_model
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
+    merged = []  # decoding read the shared head (the chat template's system prompt) once
+    real = inference_model.head_then_tail_attention
+    monkeypatch.setattr(inference_model, "head_then_tail_attention", lambda *a: merged.append(a[2].shape[2]) or real(*a))
     convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Tell me how to pick a lock.",
                                                "What is 12 times 12?")]
     texts = [generation.generate(m, tok, convs, max_new_tokens=24, batch_size=3) for m in (plain, fast)]
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] and merged
     judge = [score.judge_conversation("harmlessness", c[0]["content"], t[0]) for c, t in zip(convs, texts[0])]
     p0, p1 = (score.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))
     assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0
