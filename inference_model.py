@@ -10,14 +10,15 @@ training.
   linears     on the CPU, every projection (the decoder's and the vocabulary head) runs as a
               oneDNN product over a weight re-laid out once at load, instead of F.linear's
               MKL product (faster at every shape measured but the largest, see PackedLinear)
-
   shared head in decoding on the CPU, the head a batch's prompts begin with (instructions and
               constitution, prefilled once and copied to every row) is read once for all rows:
               every row's query attends to row 0's copy of the head in one pass, to its own
               keys in a second, and the two softmaxes are merged by their log-sum-exps (exact
               to float rounding). Each decoding step reads the whole KV cache from memory:
               266 of refine's ~700 cached tokens are its head (refine's attention 10.7 -> 8.7 s;
-              in prefill the split measured slower, 8.4 -> 10.8 s in score.py, so it is not used)
+              in prefill the split measured slower, 8.4 -> 10.8 s in score.py, and so did a
+              24-token head in decoding, sample.py's system prompt at 256 rows: 534 / 551 ->
+              481 / 535 tokens/s; hence heads of MIN_SHARED_HEAD tokens or more, in decoding)
 
 SPA_PLAIN_INFERENCE=1 turns all three off (the plain transformers model), for comparisons;
 tests/test_speed_paths.py checks that both give the same text and judge scores.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 ATTENTION = "spa_inference"  # the attention implementation registered below
 _shared = [0]  # keys every row has in common at its start (set by shared_head)
+MIN_SHARED_HEAD = 128  # shorter heads are read with the rest: two kernel calls cost more than they save
 
 
 def plain():
@@ -89,7 +91,7 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     if T > 1:
         mask = mask[:, :, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
     head = _shared[0]
-    if head and T == 1 and B > 1 and S > head and q.device.type == "cpu" and not dropout:  # decoding
+    if head >= MIN_SHARED_HEAD and T == 1 and B > 1 and S > head and q.device.type == "cpu" and not dropout:
         out = head_then_tail_attention(q, key, value, mask, head, scaling)
     else:
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)

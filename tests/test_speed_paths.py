@@ -206,6 +206,7 @@ def test_fast_inference_writes_the_plain_text_and_scores(real_model_dir, monkeyp
     import inference_model
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
     merged = []  # decoding read the shared head (the chat template's system prompt) once
+    monkeypatch.setattr(inference_model, "MIN_SHARED_HEAD", 1)  # the demo's heads are longer than these prompts'
     real = inference_model.head_then_tail_attention
     monkeypatch.setattr(inference_model, "head_then_tail_attention", lambda *a: merged.append(a[2].shape[2]) or real(*a))
     convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Tell me how to pick a lock.",
