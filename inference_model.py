@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION = "spa_inference"  # the attention implementation registered below
-_shared = [0]  # keys every row has in common at its start (set by shared_head)
+_shared_head = 0  # keys every row has in common at its start (set by shared_head)
 MIN_SHARED_HEAD = 128  # shorter heads are read with the rest: two kernel calls cost more than they save
 
 
@@ -49,11 +49,12 @@ def filled_length(mask):
 def shared_head(n):
     """Within it, every row's first n keys and values are the same and no query masks them
     (generation.head_and_tails lays batches out so)."""
-    old, _shared[0] = _shared[0], n
+    global _shared_head
+    old, _shared_head = _shared_head, n
     try:
         yield
     finally:
-        _shared[0] = old
+        _shared_head = old
 
 
 def head_then_tail_attention(q, key, value, mask, head, scale):
@@ -67,7 +68,7 @@ def head_then_tail_attention(q, key, value, mask, head, scale):
     o_h, lse_h = flash(q.transpose(0, 1).reshape(1, KV, B * M, D), key[:1, :, :head], value[:1, :, :head], scale=scale)
     o_h, lse_h = o_h.reshape(KV, B, M, D).transpose(0, 1), lse_h.reshape(KV, B, M).transpose(0, 1)
     tail = mask[..., head:]
-    bias = torch.zeros(tail.shape, dtype=q.dtype).masked_fill_(~tail, float("-inf"))  # the kernel wants a float mask
+    bias = torch.zeros(tail.shape, dtype=q.dtype, device=q.device).masked_fill_(~tail, float("-inf"))  # the kernel wants a float mask
     o_t, lse_t = flash(q, key[:, :, head:], value[:, :, head:], attn_mask=bias, scale=scale)
     lse_t = lse_t.masked_fill(~tail.any(-1), float("-inf"))  # a query with no tail key (padding): the kernel says 0
     lse = torch.logaddexp(lse_h, lse_t)
@@ -90,7 +91,7 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query.reshape(B, H // G, G * T, D)  # row g*T + t of block k: head k*G + g at position t
     if T > 1:
         mask = mask[:, :, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
-    head = _shared[0]
+    head = _shared_head
     if head >= MIN_SHARED_HEAD and T == 1 and B > 1 and S > head and q.device.type == "cpu" and not dropout:
         out = head_then_tail_attention(q, key, value, mask, head, scaling)
     else:
