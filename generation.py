@@ -120,7 +120,7 @@ def repeated(cache, n):
 
 
 def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_tokens=None):
-    """Run each prompt (all but its last token) through the model once and copy its keys and
+    """Run each prompt (all but its last token) through the model once and write its keys and
     values num_return times into a static cache, so the samples of one prompt share one
     prefill (on the CPU a chat prompt costs about as much as a 64-token answer, measured).
     The first `head` tokens, the same in every row, run once for the whole batch; the
@@ -128,6 +128,8 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
     tails run a few rows at a time (about chunk_tokens tokens a pass), each group padded
     only to its own longest tail: activations stay small (measured on the CPU: 42 refine
     prompts at once spent a third of their time faulting in and masking 100 MB tensors).
+    Each group's keys and values go straight into the static cache's rows: no full-size copy
+    in between (fresh memory costs page faults on the CPU).
     chunk_tokens: None = PREFILL_TOKENS, 0 = all rows in one pass."""
     from transformers import DynamicCache, StaticCache
     pos, decoder = positions(mask), model.get_decoder()  # the decoder alone: no logits are needed here
@@ -137,27 +139,21 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
         decoder(input_ids=ids[:1, :head], position_ids=pos[:1, :head], past_key_values=shared, use_cache=True)
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
     rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
-    keys = values = None
+    cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
     for s in range(0, B, rows):
         part = slice(s, s + rows)
         lead = head + int((mask[part, head:-1].sum(0) == 0).sum())  # columns that are padding in every row
         done = repeated(shared, len(ids[part])) if head else DynamicCache(config=model.config)
         decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], past_key_values=done, use_cache=True,
                 attention_mask=torch.cat([mask[part, :head], mask[part, lead:-1]], 1))
-        if keys is None:
-            keys = [ids.new_zeros((B, *kv.keys.shape[1:2], T - 1, kv.keys.shape[3]), dtype=kv.keys.dtype)
-                    for kv in done.layers]
-            values = [torch.zeros_like(k) for k in keys]
-        for k, v, kv in zip(keys, values, done.layers):  # the pads between head and `lead` stay zero: masked
-            k[part, :, :head], k[part, :, lead:] = kv.keys[:, :, :head], kv.keys[:, :, head:]
-            v[part, :, :head], v[part, :, lead:] = kv.values[:, :, :head], kv.values[:, :, head:]
-    cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
-    for layer, k, v in zip(cache.layers, keys, values):
-        # each prompt's rows written straight into the static cache, (B, H, T-1, D) -> (B * num_return, H, ., D):
-        # no repeated copy in between (on the CPU its fresh memory cost more in page faults than the copy itself)
-        layer.lazy_initialization(k[:1, :, :1].expand(B * num_return, -1, -1, -1), v[:1, :, :1])
-        for full, part in ((layer.keys, k), (layer.values, v)):
-            full.view(B, num_return, *full.shape[1:])[:, :, :, :T - 1] = part[:, None]
+        for layer, kv in zip(cache.layers, done.layers):
+            if not layer.is_initialized:  # zeros (B * num_return, H, T + max_new_tokens, D)
+                layer.lazy_initialization(kv.keys[:1, :, :1].expand(B * num_return, -1, -1, -1), kv.values[:1, :, :1])
+            for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
+                # this group's prompts, each copied to its num_return rows; the pads between head and `lead` stay zero
+                dest = full.view(B, num_return, *full.shape[1:])[part]  # (rows, num_return, H, ., D)
+                dest[:, :, :, :head], dest[:, :, :, lead:T - 1] = new[:, None, :, :head], new[:, None, :, head:]
+    for layer in cache.layers:
         layer.cumulative_length.add_(T - 1)
     return cache
 
