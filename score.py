@@ -18,7 +18,6 @@ Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness
 refine.py and evaluate.py import score_answers() from here.
 """
 import argparse
-import copy
 import http.client
 import json
 import os
@@ -95,10 +94,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
         tail_ids, tail_mask = tail_ids.to(dev), tail_mask.to(dev)
         mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
         pos = generation.positions(tail_mask, P)
-        cache = None
-        if head is not None:
-            cache = copy.deepcopy(head)
-            cache.batch_repeat_interleave(len(tails))
+        cache = generation.repeated(head, len(tails)) if head is not None else None
         with common.autocast():
             hidden = decoder(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
                                          past_key_values=cache, use_cache=head is not None).last_hidden_state
