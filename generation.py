@@ -136,7 +136,7 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
     B, T = ids.shape
     shared = DynamicCache(config=model.config)
     if head:
-        decoder(input_ids=ids[:1, :head], position_ids=pos[:1, :head], past_key_values=shared, use_cache=True)
+        decoder(input_ids=ids[:1, :head], position_ids=pos[:1, :head], cache=shared, use_cache=True)
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
     rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
     cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
@@ -144,7 +144,7 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
         part = slice(s, s + rows)
         lead = head + int((mask[part, head:-1].sum(0) == 0).sum())  # columns that are padding in every row
         done = repeated(shared, len(ids[part])) if head else DynamicCache(config=model.config)
-        decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], past_key_values=done, use_cache=True,
+        decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], cache=done, use_cache=True,
                 attention_mask=torch.cat([mask[part, :head], mask[part, lead:-1]], 1))
         for layer, kv in zip(cache.layers, done.layers):
             if not layer.is_initialized:  # zeros (B * num_return, H, T + max_new_tokens, D)
@@ -220,7 +220,7 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
         with common.autocast():
             cache = prefilled_cache(model, ids, mask, head, num_return, max_new_tokens)
             with inference_model.shared_head(head):  # decoding reads the rows' common head once
-                out_ids = model.generate(**rows, past_key_values=cache, generation_config=cfg,
+                out_ids = model.generate(**rows, cache=cache, generation_config=cfg,
                                          logits_processor=LogitsProcessorList(sampler))
         new = out_ids[:, ids.shape[1]:]
         if stats is not None:

@@ -86,7 +86,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
     dev = model.device
     with common.autocast():
         decoder = model.get_decoder()  # the vocabulary head runs only at the two positions read
-        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).past_key_values if P else None
+        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).cache if P else None
     out = []
     for start in range(0, len(seqs), batch_size):
         tails = [s[P:] for s in seqs[start:start + batch_size]]  # padded on their left, between head and tail
@@ -97,7 +97,7 @@ def rating_distribution(model, tok, conversations, batch_size=16):
         cache = generation.repeated(head, len(tails)) if head is not None else None
         with common.autocast():
             hidden = decoder(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
-                                         past_key_values=cache, use_cache=head is not None).last_hidden_state
+                             cache=cache, use_cache=head is not None).last_hidden_state
             logits = model.get_output_embeddings()(hidden[:, -2:]).float()  # (B, 2, V)
         first = logits[:, 0 if two else 1].log_softmax(-1)
         p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
