@@ -19,12 +19,17 @@ training.
               in prefill the split measured slower, 8.4 -> 10.8 s in score.py, and so did a
               24-token head in decoding, sample.py's system prompt at 256 rows: 534 / 551 ->
               481 / 535 tokens/s; hence heads of MIN_SHARED_HEAD tokens or more, in decoding)
+  memory      on the CPU with glibc, the process keeps the memory it frees for its next
+              allocations (keep_freed_memory): each decoding step's 50 MB logits copy and
+              the static cache then reuse pages instead of faulting fresh ones in
 
-SPA_PLAIN_INFERENCE=1 turns all three off (the plain transformers model), for comparisons;
+SPA_PLAIN_INFERENCE=1 turns all four off (the plain transformers model), for comparisons;
 tests/test_speed_paths.py checks that both give the same text and judge scores.
 """
 import contextlib
+import ctypes
 import os
+import platform
 
 import torch
 import torch.nn as nn
@@ -126,6 +131,20 @@ def pack_linears(model):
                 setattr(module, child_name, PackedLinear(child))
 
 
+def keep_freed_memory():
+    """Have glibc keep freed memory in the process: no block gets a mapping of its own
+    (M_MMAP_MAX = 0), and the heap's free top is handed back only above 2 GiB
+    (M_TRIM_THRESHOLD, a C int), as demo.sh's GLIBC_TUNABLES does (4 GB there). On this project's virtual machine a
+    page handed back costs a fault when touched again (README, issue 15: 32 prompts x 8
+    samples x 64 tokens, 322 -> 346 tokens/s, medians of 3 alternated runs). Not for train.py:
+    there it cost 15% more peak memory. A GLIBC_TUNABLES that sets malloc options wins."""
+    if platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD, bytes
+
+
 def prepare(model):
     """Switch a loaded inference model (eval mode, no gradients) to the paths above."""
     if plain():
@@ -135,6 +154,8 @@ def prepare(model):
     AttentionInterface.register(ATTENTION, grouped_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # the boolean masks transformers builds for SDPA
     model.set_attn_implementation(ATTENTION)
-    if model.device.type == "cpu" and torch.backends.mkldnn.is_available() and model.dtype == torch.float32:
-        pack_linears(model)
+    if model.device.type == "cpu":
+        keep_freed_memory()
+        if torch.backends.mkldnn.is_available() and model.dtype == torch.float32:
+            pack_linears(model)
     return model
