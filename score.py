@@ -69,36 +69,69 @@ def rating_token_ids(tok):
     return ids
 
 
+def last_two_hidden(decoder, head, P, tails, groups, pad_id):
+    """The decoder's last hidden state at the last two positions of each row, (B, 2, D), for
+    judge prompts whose first P tokens are the cached `head` (one row, or None if P = 0) and
+    whose rest are `tails` (lists of ids). Rows of the same group (a prompt's candidates) also
+    share what their tails begin with (the question): that part runs once per group, its keys
+    and values are copied to the group's rows, and only each row's own remainder runs after.
+    Pads sit between the parts (left of each part); positions count real tokens only."""
+    dev = decoder.device
+    names = list(dict.fromkeys(groups))
+    g = torch.tensor([names.index(k) for k in groups], device=dev)  # each row's group
+    members = [[t for t, k in zip(tails, groups) if k == n] for n in names]
+    shared = [generation.common_prefix_length(m) if len(m) > 1 else 0 for m in members]
+    if max(shared) and head is not None:  # the groups' shared parts, one row per group, after the head
+        ids, mask, _ = generation.head_and_tails([m[0][:q] for m, q in zip(members, shared)], pad_id, share_head=False)
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache, before = generation.repeated(head, len(names)), torch.ones(len(names), P, dtype=torch.long, device=dev)
+        decoder(input_ids=ids, attention_mask=torch.cat([before, mask], 1), position_ids=generation.positions(mask, P),
+                cache=cache, use_cache=True)
+        cache.batch_select_indices(g)  # every row gets its group's keys and values
+        before, offset = torch.cat([before, mask], 1)[g], P + torch.tensor(shared, device=dev)[g, None]
+        tails = [t[shared[j]:] for t, j in zip(tails, g.tolist())]
+    else:
+        cache = generation.repeated(head, len(tails)) if head is not None else None
+        before, offset = torch.ones(len(tails), P, dtype=torch.long, device=dev), P
+    ids, mask, _ = generation.head_and_tails(tails, pad_id, share_head=False)
+    ids, mask = ids.to(dev), mask.to(dev)
+    hidden = decoder(input_ids=ids, attention_mask=torch.cat([before, mask], 1), cache=cache,
+                     position_ids=generation.positions(mask, offset), use_cache=cache is not None).last_hidden_state
+    return hidden[:, -2:]
+
+
 @torch.no_grad()
-def rating_distribution(model, tok, conversations, batch_size=16):
+def rating_distribution(model, tok, conversations, batch_size=16, groups=None):
     """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), in one forward
     pass per judgement. When '10' is two tokens t1 t0 with t1 = '1', the prompt is fed with
     t1 appended and we read two positions: P(10) = P(t1) P(t0 | t1), P(1) = P(t1)(1 - P(t0 | t1)).
     The judge prompts share a long head (instructions and constitution): it runs once and its
-    KV cache serves every row; only the two positions read go through the vocabulary head."""
+    KV cache serves every row; conversations with the same `groups` key (one per conversation,
+    e.g. its question; None: all distinct) share their next part too (last_two_hidden). Only
+    the two positions read go through the vocabulary head."""
     ids = rating_token_ids(tok)
     two = len(ids[9]) == 2
     if two and ids[9][0] != ids[0][0]:
         raise ValueError("logits mode expects '10' to start with the token of '1'")
     seqs = [tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
             + ([ids[0][0]] if two else []) for c in conversations]
+    groups = list(range(len(seqs))) if groups is None else list(groups)
     P = generation.common_prefix_length(seqs)
-    dev = model.device
     with common.autocast():
         decoder = model.get_decoder()  # the vocabulary head runs only at the two positions read
-        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=dev), use_cache=True).cache if P else None
-    out = []
-    for start in range(0, len(seqs), batch_size):
-        tails = [s[P:] for s in seqs[start:start + batch_size]]  # padded on their left, between head and tail
-        tail_ids, tail_mask, _ = generation.head_and_tails(tails, tok.pad_token_id, share_head=False)
-        tail_ids, tail_mask = tail_ids.to(dev), tail_mask.to(dev)
-        mask = torch.cat([torch.ones(len(tails), P, dtype=torch.long, device=dev), tail_mask], 1)
-        pos = generation.positions(tail_mask, P)
-        cache = generation.repeated(head, len(tails)) if head is not None else None
+        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=model.device), use_cache=True).cache if P else None
+    first_row, longest = {}, {}
+    for i, k in enumerate(groups):
+        first_row.setdefault(k, i)
+        longest[k] = max(longest.get(k, 0), len(seqs[i]))
+    order = sorted(range(len(seqs)), key=lambda i: (longest[groups[i]], first_row[groups[i]], i))  # like lengths together
+    out = torch.empty(len(seqs), 10)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         with common.autocast():
-            hidden = decoder(input_ids=tail_ids, attention_mask=mask, position_ids=pos,
-                             cache=cache, use_cache=head is not None).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[:, -2:]).float()  # (B, 2, V)
+            hidden = last_two_hidden(decoder, head, P, [seqs[i][P:] for i in idx], [groups[i] for i in idx],
+                                     tok.pad_token_id)
+            logits = model.get_output_embeddings()(hidden).float()  # (B, 2, V)
         first = logits[:, 0 if two else 1].log_softmax(-1)
         p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
         p10 = first[:, ids[9][0]].exp()  # '10' as one token (Llama 3), else replaced below
@@ -107,8 +140,8 @@ def rating_distribution(model, tok, conversations, batch_size=16):
             p10 = p[:, 0] * q0
             p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:]], dim=1)
         probs = torch.cat([p, p10[:, None]], dim=1)
-        out.append(probs / probs.sum(dim=1, keepdim=True))
-    return torch.cat(out).cpu()
+        out[idx] = (probs / probs.sum(dim=1, keepdim=True)).cpu()
+    return out
 
 
 def score_answers(model, tok, items, objective, mode="generate", batch_size=16, max_new_tokens=48):
@@ -120,7 +153,7 @@ def score_answers(model, tok, items, objective, mode="generate", batch_size=16, 
         return []
     convs = [judge_conversation(objective, q, a) for q, a in items]
     if mode.startswith("logits"):
-        probs = rating_distribution(model, tok, convs, batch_size)
+        probs = rating_distribution(model, tok, convs, batch_size, groups=[q for q, _ in items])
         expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
         best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
         return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]

@@ -56,13 +56,17 @@ def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer, monkeypat
     assert probs[0, 9] > 0 and abs(float(probs.sum()) - 1) < 1e-5
 
 
-def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir):
-    """The cached judge head plus padded tails gives the distribution of one plain forward
-    over each whole judge prompt."""
+@pytest.mark.parametrize("batch_size,grouped", [(3, False), (2, True), (4, True), (6, True)])
+def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir, batch_size, grouped):
+    """The cached judge head plus padded tails (and, with groups, each question's part run
+    once for its answers, also when a batch splits a group) gives the distribution of one
+    plain forward over each whole judge prompt, row for row in input order."""
     import torch
     model, tok = common.load_for_inference(str(tiny_model_dir))
-    convs = [score.judge_conversation("harmlessness", "Is it safe?", "answer " * k) for k in (1, 7, 3)]
-    got = score.rating_distribution(model, tok, convs, batch_size=3)
+    items = [(q, "answer " * k) for q in ("Is it safe to swim after eating a meal?", "Why?") for k in (1, 7, 3)]
+    convs = [score.judge_conversation("harmlessness", q, a) for q, a in items]
+    got = score.rating_distribution(model, tok, convs, batch_size=batch_size,
+                                    groups=[q for q, _ in items] if grouped else None)
     one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
     for c, row in zip(convs, got):
