@@ -134,10 +134,10 @@ def pack_linears(model):
 def keep_freed_memory():
     """Have glibc keep freed memory in the process: no block gets a mapping of its own
     (M_MMAP_MAX = 0), and the heap's free top is handed back only above 2 GiB
-    (M_TRIM_THRESHOLD, a C int), as demo.sh's GLIBC_TUNABLES does (4 GB there). On this project's virtual machine a
-    page handed back costs a fault when touched again (README, issue 15: 32 prompts x 8
-    samples x 64 tokens, 322 -> 346 tokens/s, medians of 3 alternated runs). Not for train.py:
-    there it cost 15% more peak memory. A GLIBC_TUNABLES that sets malloc options wins."""
+    (M_TRIM_THRESHOLD, a C int), as demo.sh's GLIBC_TUNABLES does (4 GB there). On this
+    project's virtual machine a page handed back costs a fault when touched again (README,
+    issue 15: 32 prompts x 8 samples x 64 tokens, 328.8 -> 351.4 tokens/s, medians of 3
+    alternated runs). Not for train.py: there it cost 15% more peak memory. A GLIBC_TUNABLES that sets malloc options wins."""
     if platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     libc = ctypes.CDLL("libc.so.6")

@@ -77,8 +77,8 @@ def last_two_hidden(decoder, head, P, tails, groups, pad_id):
     and values are copied to the group's rows, and only each row's own remainder runs after.
     Pads sit between the parts (left of each part); positions count real tokens only."""
     dev = decoder.device
-    names = list(dict.fromkeys(groups))
-    g = torch.tensor([names.index(k) for k in groups], device=dev)  # each row's group
+    names = {k: j for j, k in enumerate(dict.fromkeys(groups))}  # each group's index, in order of first row
+    g = torch.tensor([names[k] for k in groups], device=dev)  # each row's group
     members = [[t for t, k in zip(tails, groups) if k == n] for n in names]
     shared = [generation.common_prefix_length(m) if len(m) > 1 else 0 for m in members]
     if max(shared) and head is not None:  # the groups' shared parts, one row per group, after the head
