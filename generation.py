@@ -119,7 +119,16 @@ def repeated(cache, n):
     return out
 
 
-def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_tokens=None):
+def static_layer_init(layer, rows, keys, values, make):
+    """Give a static cache layer its keys and values, (rows, H, max_cache_len, D) shaped after
+    `keys`/`values`, made by `make`: torch.zeros, or torch.empty for what is written before
+    it is read (on the CPU untouched pages are never faulted in)."""
+    layer.lazy_initialization(keys[:1, :, :1], values[:1, :, :1])  # the layer's attributes, for one row
+    layer.batch_size = rows
+    layer.keys, layer.values = (make((rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in (layer.keys, layer.values))
+
+
+def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_tokens=None, read_once=(0, 1)):
     """Run each prompt (all but its last token) through the model once and write its keys and
     values num_return times into a static cache, so the samples of one prompt share one
     prefill (on the CPU a chat prompt costs about as much as a 64-token answer, measured).
@@ -130,7 +139,10 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
     prompts at once spent a third of their time faulting in and masking 100 MB tensors).
     Each group's keys and values go straight into the static cache's rows: no full-size copy
     in between (fresh memory costs page faults on the CPU).
-    chunk_tokens: None = PREFILL_TOKENS, 0 = all rows in one pass."""
+    chunk_tokens: None = PREFILL_TOKENS, 0 = all rows in one pass.
+    read_once (keys, rows): decoding reads the first `keys` positions of each run of `rows`
+    cache rows from the run's first row only (inference_model.reads_prefix_once); the other
+    rows' copies of them are neither written nor zeroed (memory never touched costs nothing)."""
     from transformers import DynamicCache, StaticCache
     pos, decoder = positions(mask), model.get_decoder()  # the decoder alone: no logits are needed here
     B, T = ids.shape
@@ -140,6 +152,7 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
     rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
     cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
+    once, per_run = read_once[0], max(read_once[1] // num_return, 1)  # prompts per run of rows
     for s in range(0, B, rows):
         part = slice(s, s + rows)
         lead = head + int((mask[part, head:-1].sum(0) == 0).sum())  # columns that are padding in every row
@@ -147,12 +160,16 @@ def prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, chunk_to
         decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], cache=done, use_cache=True,
                 attention_mask=torch.cat([mask[part, :head], mask[part, lead:-1]], 1))
         for layer, kv in zip(cache.layers, done.layers):
-            if not layer.is_initialized:  # zeros (B * num_return, H, T + max_new_tokens, D)
-                layer.lazy_initialization(kv.keys[:1, :, :1].expand(B * num_return, -1, -1, -1), kv.values[:1, :, :1])
+            if not layer.is_initialized:  # (B * num_return, H, T + max_new_tokens, D), zeros unless read_once
+                static_layer_init(layer, B * num_return, kv.keys, kv.values, torch.empty if once else torch.zeros)
             for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
-                # this group's prompts, each copied to its num_return rows; the pads between head and `lead` stay zero
-                dest = full.view(B, num_return, *full.shape[1:])[part]  # (rows, num_return, H, ., D)
-                dest[:, :, :, :head], dest[:, :, :, lead:T - 1] = new[:, None, :, :head], new[:, None, :, head:]
+                # this group's prompts, each copied to its num_return rows: head, zero pads up to `lead`, tail;
+                # a region in the prefix read once goes to the runs' first rows only
+                dest, new = full.view(B, num_return, *full.shape[1:])[part], new[:, None]  # (rows, num_return, H, ., D)
+                first = slice(-s % per_run, None, per_run)
+                for lo, hi, cols in ((0, head, slice(0, head)), (head, lead, None), (lead, T - 1, slice(head, None))):
+                    d, n = (dest[first, :1], new[first]) if lo < once else (dest, new)
+                    d[:, :, :, lo:hi] = 0 if cols is None else n[:, :, :, cols]
     for layer in cache.layers:
         layer.cumulative_length.add_(T - 1)
     return cache
@@ -217,9 +234,13 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
         u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, keys[i], j)))
                          for i in idx for j in range(num_return)])
         sampler = [InverseCdfSampler(t, top_p, u)] if (t > 0).any() else []  # all greedy: generate's own argmax
+        # decoding reads each prompt once for its samples, or else the batch's common head once
+        prefix = (ids.shape[1] - 1, num_return) if num_return > 1 else (head, len(idx))
+        once = prefix if model.config._attn_implementation == inference_model.ATTENTION and \
+            inference_model.reads_prefix_once(*prefix, len(idx) * num_return, model.device) else (0, 1)
         with common.autocast():
-            cache = prefilled_cache(model, ids, mask, head, num_return, max_new_tokens)
-            with inference_model.shared_head(head):  # decoding reads the rows' common head once
+            cache = prefilled_cache(model, ids, mask, head, num_return, max_new_tokens, read_once=once)
+            with inference_model.shared_prefix(*prefix):
                 out_ids = model.generate(**rows, cache=cache, generation_config=cfg,
                                          logits_processor=LogitsProcessorList(sampler))
         new = out_ids[:, ids.shape[1]:]

@@ -10,15 +10,17 @@ training.
   linears     on the CPU, every projection (the decoder's and the vocabulary head) runs as a
               oneDNN product over a weight re-laid out once at load, instead of F.linear's
               MKL product (faster at every shape measured but the largest, see PackedLinear)
-  shared head in decoding on the CPU, the head a batch's prompts begin with (instructions and
-              constitution, prefilled once and copied to every row) is read once for all rows:
-              every row's query attends to row 0's copy of the head in one pass, to its own
-              keys in a second, and the two softmaxes are merged by their log-sum-exps (exact
-              to float rounding). Each decoding step reads the whole KV cache from memory:
-              266 of refine's ~700 cached tokens are its head (refine's attention 10.7 -> 8.7 s;
-              in prefill the split measured slower, 8.4 -> 10.8 s in score.py, and so did a
-              24-token head in decoding, sample.py's system prompt at 256 rows: 534 / 551 ->
-              481 / 535 tokens/s; hence heads of MIN_SHARED_HEAD tokens or more, in decoding)
+  shared head in decoding on the CPU, a prefix that rows share is read once: the head a batch's
+              prompts begin with (instructions and constitution, prefilled once and copied to
+              every row), or a prompt copied to its samples' rows. Each run of rows' queries
+              attend to the run's first row's copy in one pass, every row's to its own keys in
+              a second, and the two softmaxes are merged by their log-sum-exps (exact to float
+              rounding); the other rows' copies are not even written (generation.prefilled_cache).
+              Refine's 266-token head: attention 10.7 -> 8.7 s; a prompt read once for its 8
+              samples: 32 x 8 x 64 tokens 339.8 -> 363.8 tokens/s, and 400.2 -> 423.3 without
+              writing the copies (README, issue 15, seventh round). In prefill the split measured
+              slower (score.py 8.4 -> 10.8 s), so did a 24-token head for all rows in decoding;
+              hence MIN_SHARED_HEAD and MIN_SHARED_PREFIX
   memory      on the CPU with glibc, the process keeps the memory it frees for its next
               allocations (keep_freed_memory): each decoding step's 50 MB logits copy and
               the static cache then reuse pages instead of faulting fresh ones in
@@ -36,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION = "spa_inference"  # the attention implementation registered below
-_shared_head = 0  # keys every row has in common at its start (set by shared_head)
-MIN_SHARED_HEAD = 128  # shorter heads are read with the rest: two kernel calls cost more than they save
+_shared_prefix = (0, 0)  # (keys, rows): see shared_prefix
+MIN_SHARED_HEAD = 128  # a prefix all rows share: shorter ones are read with the rest (two kernel calls cost more)
+MIN_SHARED_PREFIX = 32  # a prefix shared by runs of a prompt's samples: shorter ones are read with the rest
 
 
 def plain():
@@ -51,33 +54,52 @@ def filled_length(mask):
 
 
 @contextlib.contextmanager
-def shared_head(n):
-    """Within it, every row's first n keys and values are the same and no query masks them
-    (generation.head_and_tails lays batches out so)."""
-    global _shared_head
-    old, _shared_head = _shared_head, n
+def shared_prefix(keys, rows):
+    """Within it, in each run of `rows` consecutive batch rows, the first `keys` keys, values
+    and mask columns are the same: the head all prompts of a batch share (rows = the batch;
+    generation.head_and_tails lays batches out so), or a prompt copied to its samples' rows."""
+    global _shared_prefix
+    old, _shared_prefix = _shared_prefix, (keys, rows)
     try:
         yield
     finally:
-        _shared_head = old
+        _shared_prefix = old
 
 
-def head_then_tail_attention(q, key, value, mask, head, scale):
+def reads_prefix_once(keys, rows, batch, device):
+    """Whether decoding reads a prefix of `keys` positions, the same in each run of `rows` of
+    `batch` rows, from each run's first row only (head_then_tail_attention): then the other
+    rows' copies of it are never read, and generation.prefilled_cache does not write them."""
+    return (device.type == "cpu" and not plain() and 1 < rows <= batch and batch % rows == 0
+            and keys >= (MIN_SHARED_PREFIX if rows < batch else MIN_SHARED_HEAD))
+
+
+def head_then_tail_attention(q, key, value, mask, head, scale, rows=None):
     """softmax(q [K_head | K_tail]^T) [V_head | V_tail] from two partial attentions, merged:
     out = w_h o_h + w_t o_t with w = exp(lse_part - logaddexp(lse_h, lse_t)).
-    q (B, KV, M, D); key/value (B, KV, S, D) whose first `head` positions are the same in
-    every row and attended by every query; mask (B, 1, M, S) bool. The head is read once
-    (row 0's copy), by all B*M query rows at once. Returns (B, KV, M, D)."""
+    q (B, KV, M, D); key/value (B, KV, S, D) whose first `head` positions, and the mask's,
+    are the same in each run of `rows` rows (None: all B); mask (B, 1, 1 or M, S) bool. The head
+    is read once per run (its first row's copy), by the run's rows' queries stacked, n*M of
+    them. Returns (B, KV, M, D)."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's CPU kernel, with its lse
     B, KV, M, D = q.shape
-    o_h, lse_h = flash(q.transpose(0, 1).reshape(1, KV, B * M, D), key[:1, :, :head], value[:1, :, :head], scale=scale)
-    o_h, lse_h = o_h.reshape(KV, B, M, D).transpose(0, 1), lse_h.reshape(KV, B, M).transpose(0, 1)
+    n = rows or B
+    runs = q.reshape(B // n, n, KV, M, D).transpose(1, 2).reshape(B // n, KV, n * M, D)
+    hm = mask[::n, :, :1, :head]  # the head's mask is the same for every query of a run
+    o_h, lse_h = flash(runs, key[::n, :, :head], value[::n, :, :head], attn_mask=float_mask(hm, q.dtype), scale=scale)
+    o_h = o_h.reshape(B // n, KV, n, M, D).transpose(1, 2).reshape(B, KV, M, D)
+    lse_h = lse_h.reshape(B // n, KV, n, M).transpose(1, 2).reshape(B, KV, M)
+    lse_h = lse_h.masked_fill(~hm.any(-1).repeat_interleave(n, 0), float("-inf"))  # no head key: the kernel says 0
     tail = mask[..., head:]
-    bias = torch.zeros(tail.shape, dtype=q.dtype, device=q.device).masked_fill_(~tail, float("-inf"))  # the kernel wants a float mask
-    o_t, lse_t = flash(q, key[:, :, head:], value[:, :, head:], attn_mask=bias, scale=scale)
-    lse_t = lse_t.masked_fill(~tail.any(-1), float("-inf"))  # a query with no tail key (padding): the kernel says 0
+    o_t, lse_t = flash(q, key[:, :, head:], value[:, :, head:], attn_mask=float_mask(tail, q.dtype), scale=scale)
+    lse_t = lse_t.masked_fill(~tail.any(-1), float("-inf"))  # a query with no tail key (padding)
     lse = torch.logaddexp(lse_h, lse_t)
     return o_h * (lse_h - lse).exp()[..., None] + o_t * (lse_t - lse).exp()[..., None]
+
+
+def float_mask(mask, dtype):
+    """0 where a bool mask attends, -inf elsewhere: the form SDPA's CPU kernel takes."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -96,9 +118,9 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     q = query.reshape(B, H // G, G * T, D)  # row g*T + t of block k: head k*G + g at position t
     if T > 1:
         mask = mask[:, :, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
-    head = _shared_head
-    if head >= MIN_SHARED_HEAD and T == 1 and B > 1 and S > head and q.device.type == "cpu" and not dropout:
-        out = head_then_tail_attention(q, key, value, mask, head, scaling)
+    head, rows = _shared_prefix
+    if T == 1 and S > head and not dropout and reads_prefix_once(head, rows, B, q.device):
+        out = head_then_tail_attention(q, key, value, mask, head, scaling, rows)
     else:
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
     return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None

@@ -162,6 +162,40 @@ def test_attention_over_a_shared_head_is_the_one_pass_attention():
     assert torch.allclose(got, want, atol=1e-5) and want.std() > 0
 
 
+def test_attention_over_a_prefix_shared_by_runs_of_rows_is_the_one_pass_attention():
+    """Each run of 2 rows (a prompt's samples) shares its first keys, some of them padding:
+    read once per run from its first row, merged with each row's own keys; the other rows'
+    copies hold garbage (prefilled_cache does not write them) and must not be read."""
+    import inference_model
+    torch.manual_seed(0)
+    B, KV, M, D, S, head, n = 6, 2, 3, 8, 9, 5, 2
+    q, key, value = torch.randn(B, KV, M, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    key[:, :, :head] = key[::n, :, :head].repeat_interleave(n, 0)
+    value[:, :, :head] = value[::n, :, :head].repeat_interleave(n, 0)
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    mask[..., :head] = (torch.rand(B // n, 1, 1, head) > 0.3).repeat_interleave(n, 0)
+    mask[:, :, :, 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=0.3)
+    key[1::n, :, :head], value[1::n, :, :head] = float("nan"), float("nan")
+    got = inference_model.head_then_tail_attention(q, key, value, mask, head, 0.3, n)
+    assert torch.allclose(got, want, atol=1e-5) and want.std() > 0
+
+
+def test_samples_read_their_prompt_once_and_write_the_plain_text(real_model_dir, monkeypatch):
+    """Greedy samples (2 per prompt) with each prompt's keys read once for its samples and
+    written to their first row only: the plain model's text; the split ran."""
+    import generation
+    import inference_model
+    (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
+    runs = []
+    monkeypatch.setattr(inference_model, "MIN_SHARED_PREFIX", 1)  # these prompts are short
+    real = inference_model.head_then_tail_attention
+    monkeypatch.setattr(inference_model, "head_then_tail_attention", lambda *a: runs.append(a[-1]) or real(*a))
+    convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Name a colour.", "What is 12 times 12?")]
+    texts = [generation.generate(m, tok, convs, max_new_tokens=16, batch_size=3, num_return=2) for m in (plain, fast)]
+    assert texts[0] == texts[1] and set(runs) == {2} and all(t[0] for t in texts[0])
+
+
 def test_filled_length_of_a_static_cache_mask():
     import inference_model
     mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
