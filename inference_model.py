@@ -109,7 +109,7 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     Returns ((B, T, H, D), None), as transformers' attention functions do."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     G = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or attention_mask.dtype != torch.bool or G == 1:  # causal without a mask: as is
+    if attention_mask is None or attention_mask.dtype != torch.bool:  # causal without a mask: as is
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     B, H, T, D = query.shape

@@ -196,6 +196,30 @@ def test_samples_read_their_prompt_once_and_write_the_plain_text(real_model_dir,
     assert texts[0] == texts[1] and set(runs) == {2} and all(t[0] for t in texts[0])
 
 
+def test_samples_read_their_prompt_once_without_grouped_query_heads(tmp_path, tokenizer, monkeypatch):
+    """A model with as many key/value heads as query heads (no grouped-query attention): the
+    split still runs (the copies it leaves unwritten must never be read) and greedy samples
+    are the plain model's."""
+    import generation
+    import inference_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (plain, tok), (fast, _) = plain_and_fast(tmp_path, monkeypatch)
+    runs = []
+    monkeypatch.setattr(inference_model, "MIN_SHARED_PREFIX", 1)
+    real = inference_model.head_then_tail_attention
+    monkeypatch.setattr(inference_model, "head_then_tail_attention", lambda *a: runs.append(a[-1]) or real(*a))
+    convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Name a colour.")]
+    texts = [generation.generate(m, tok, convs, max_new_tokens=8, batch_size=2, num_return=2) for m in (plain, fast)]
+    assert texts[0] == texts[1] and set(runs) == {2}
+
+
 def test_filled_length_of_a_static_cache_mask():
     import inference_model
     mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
