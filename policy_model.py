@@ -39,6 +39,53 @@ def packed_attention(module, query, key, value, attention_mask, lengths=None, **
     return torch.cat(outs, dim=1), None
 
 
+def onednn_product(a, b):
+    """a @ b^T on oneDNN: a (..., k), b (n, k), either may be a transposed view -> (..., n)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class OneDnnLinearFunction(torch.autograd.Function):
+    """y = x W^T and its gradients dx = dy W, dW = dy^T x, each one oneDNN product, in float32
+    (the same products F.linear's forward and backward make, summed in another order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return onednn_product(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = onednn_product(dy, weight.t()) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = onednn_product(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+        return dx, dw
+
+
+class OneDnnLinear(nn.Linear):
+    """nn.Linear (no bias) whose products run on oneDNN in float32 on the CPU; otherwise (bf16,
+    CUDA, autocast) it is F.linear. The same parameters and names: checkpoints and FSDP2 see
+    an nn.Linear."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and \
+                not torch.is_autocast_enabled("cpu"):
+            return OneDnnLinearFunction.apply(x, self.weight)
+        return super().forward(x)
+
+
+def use_onednn(model):
+    """Make every bias-free nn.Linear of the model (projections and vocabulary head) a
+    OneDnnLinear in place, on the CPU when oneDNN is there. Returns the number changed."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None]
+    for m in linears:
+        m.__class__ = OneDnnLinear
+    return len(linears)
+
+
 def token_logps(lm_head, hidden, targets):
     """log pi(target | position) at N positions: hidden (N, H), targets (N,) -> (N,) float32."""
     logits = lm_head(hidden).float()
@@ -95,7 +142,7 @@ class Policy(nn.Module):
 
 def build_policy(args, bf16):
     """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
-    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun:
+    LoRA adapters if asked, oneDNN products on the CPU in float32, turn on checkpointing, and shard it with FSDP2 under torchrun:
     each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy."""
     sharded = distributed.WORLD > 1
     lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
@@ -103,6 +150,8 @@ def build_policy(args, bf16):
     lm.config.use_cache = False
     if args.lora_rank:
         lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
+    if args.onednn and not bf16 and common.device().type == "cpu":
+        use_onednn(lm)
     if args.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded, pack=args.pack)

@@ -40,19 +40,26 @@ def return_freed_memory(mib):
 
 def matmul_peak(n=2048, reps=10, tries=3):
     """float32 FLOP/s of an n x n matrix product on this device: the best of `tries` timings
-    of `reps` products (one timing alone swung 133-171 GFLOP/s within a minute here)."""
+    of `reps` products (one timing alone swung 133-171 GFLOP/s within a minute here), by the
+    fastest library torch has for it. On the CPU that is the better of MKL (torch.matmul) and
+    oneDNN (policy_model.onednn_product, what inference and training multiply with): on this
+    project's AMD CPU MKL ran 179 GFLOP/s and oneDNN 430, so MKL alone understated the peak."""
     a, b = torch.randn(n, n, device=common.device()), torch.randn(n, n, device=common.device())
     sync = torch.cuda.synchronize if common.device().type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
+    products = [lambda: a @ b]
+    if common.device().type == "cpu" and torch.backends.mkldnn.is_available():
+        products.append(lambda: policy_model.onednn_product(a, b))
     best = 0.0
-    for _ in range(tries):
-        sync()
-        t = time.time()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = max(best, reps * 2 * n ** 3 / (time.time() - t))
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(tries):
+            sync()
+            t = time.time()
+            for _ in range(reps):
+                product()
+            sync()
+            best = max(best, reps * 2 * n ** 3 / (time.time() - t))
     return best
 
 
@@ -86,6 +93,8 @@ def main():
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="train.py's --pack (default on)")
+    p.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.py's --onednn: the linear layers' products on oneDNN (default on; off: MKL)")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
                    help="fused AdamW, as train.py uses (default on; off: torch's foreach implementation)")
     p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
@@ -100,7 +109,8 @@ def main():
     peak = distributed.all_sum([matmul_peak()])[0]  # of all ranks together (torchrun gives each one thread)
     tok = common.load_tokenizer(args.model)
     hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk, model=args.model,
-                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack)
+                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack,
+                            onednn=args.onednn)
     policy = policy_model.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
@@ -126,7 +136,7 @@ def main():
     print(f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
           f"{args.batch_size} per device x accumulation "
           f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
-          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, freed memory returned above "
+          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, {'oneDNN' if args.onednn else 'MKL'} products, freed memory returned above "
           f"{f'{args.freed_memory_mib} MiB' if args.freed_memory_mib else 'glibc default threshold'}")
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
     print(f"peak memory (max RSS) {rss:.2f} GiB"

@@ -35,6 +35,40 @@ def test_packed_step_equals_the_padded_step(tiny_model_dir, tokenizer, checkpoin
     assert l0 == pytest.approx(l1, rel=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_onednn_step_equals_the_f_linear_step(tiny_model_dir, tokenizer, checkpointing, monkeypatch):
+    """One packed step with every linear layer's products on oneDNN (train.py's default on the
+    CPU in float32) and with F.linear: the same loss, log-probs and gradients, the tied
+    vocabulary head's included; the oneDNN products really ran, in forward and backward."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    ex = make_examples(tokenizer)
+    calls = []
+    product = policy_model.onednn_product
+    monkeypatch.setattr(policy_model, "onednn_product", lambda a, b: calls.append(a.requires_grad) or product(a, b))
+    out = {}
+    for onednn in (False, True):
+        model, _ = common.load_model(str(tiny_model_dir))
+        if onednn:
+            assert policy_model.use_onednn(model) == 2 * 7 + 1  # 7 projections a layer, the vocabulary head
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy = policy_model.Policy(model, head_chunk=5, pack=True).train()
+        with torch.no_grad():
+            lp = policy_model.sequence_logps(policy, ex, tokenizer.pad_token_id)
+        calls.clear()
+        s, _ = train.train_step(policy, ex, [[0, 1], [2, 3]], ARGS, tokenizer.pad_token_id)
+        out[onednn] = (torch.cat(lp), grads(model), s["loss"], model.get_input_embeddings().weight.grad.clone())
+    (lp0, g0, l0, e0), (lp1, g1, l1, e1) = out[False], out[True]
+    # in the step, forward products (and checkpointing's recomputed ones) take activations that
+    # require gradients, backward's two per forward product (dx, dW) take dy, which does not
+    assert calls.count(False) >= calls.count(True) >= 2 * 15
+    assert torch.allclose(lp0, lp1, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(g0, g1, atol=1e-6, rtol=1e-4) and g0.abs().sum() > 0
+    assert torch.allclose(e0, e1, atol=1e-6, rtol=1e-4) and e0.abs().sum() > 0
+    assert l0 == pytest.approx(l1, rel=1e-5)
+
+
 def test_packed_attention_sees_only_its_own_sequence(tiny_model_dir, tokenizer):
     """A sequence's log-probs do not depend on what is packed before it."""
     ex = make_examples(tokenizer)
