@@ -1,12 +1,19 @@
 """The model being trained, as one module whose forward returns the summed log-probs of the
 answer tokens: padding-free packing of a micro-batch, the vocabulary head applied at answer
-positions only, gradient checkpointing, LoRA, and FSDP2 sharding under torchrun.
+positions only, oneDNN products on the CPU, gradient checkpointing, LoRA, and FSDP2 sharding
+under torchrun.
 
 Packing (train.py's default, --no-pack turns it off): the micro-batch's chosen and rejected
 sequences are laid end to end in one row of N tokens, positions restarting at 0 for each,
 and attention runs causally within each sequence (one SDPA call per sequence), so no padding
 token is ever computed. The padded layout (2B rows of the longest length) gives the same
 log-probs to float tolerance (tests/test_speed_paths.py).
+
+oneDNN products (train.py's default on the CPU in float32, --no-onednn turns it off): every
+bias-free linear layer's three products (forward, input and weight gradients) run on oneDNN,
+the library inference_model.PackedLinear multiplies with, instead of MKL, which F.linear
+calls: on this project's AMD CPU MKL ran 161-193 GFLOP/s and oneDNN 267-444 at training's
+shapes, and train.py's step went 0.205 -> 0.264 pairs/s (README, issue 15, eighth round).
 """
 from functools import partial
 
