@@ -126,6 +126,12 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
 
 
+def onednn_product(a, b):
+    """a @ b^T on oneDNN: a (..., k), b (n, k), either may be a transposed view, or b a weight
+    re-laid out for it (PackedLinear) -> (..., n). train.py multiplies with it too (policy_model)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight oneDNN has re-laid out once for its own matrix
     product (what torch.compile's CPU freezing does): (..., in) -> (..., out), the same
@@ -140,7 +146,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return onednn_product(x, self.packed)
 
 
 def pack_linears(model):

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 import distributed
+import inference_model
 import lora
 import preference_data
 
@@ -46,11 +47,6 @@ def packed_attention(module, query, key, value, attention_mask, lengths=None, **
     return torch.cat(outs, dim=1), None
 
 
-def onednn_product(a, b):
-    """a @ b^T on oneDNN: a (..., k), b (n, k), either may be a transposed view -> (..., n)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
 class OneDnnLinearFunction(torch.autograd.Function):
     """y = x W^T and its gradients dx = dy W, dW = dy^T x, each one oneDNN product, in float32
     (the same products F.linear's forward and backward make, summed in another order)."""
@@ -58,15 +54,15 @@ class OneDnnLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return onednn_product(x, weight)
+        return inference_model.onednn_product(x, weight)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = onednn_product(dy, weight.t()) if ctx.needs_input_grad[0] else None
+        dx = inference_model.onednn_product(dy, weight.t()) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = onednn_product(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+            dw = inference_model.onednn_product(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
         return dx, dw
 
 
@@ -149,8 +145,9 @@ class Policy(nn.Module):
 
 def build_policy(args, bf16):
     """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
-    LoRA adapters if asked, oneDNN products on the CPU in float32, turn on checkpointing, and shard it with FSDP2 under torchrun:
-    each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy."""
+    LoRA adapters if asked, take oneDNN's products on the CPU in float32, turn on checkpointing,
+    and shard it with FSDP2 under torchrun: each decoder layer, then the root; bf16 compute
+    there via MixedPrecisionPolicy."""
     sharded = distributed.WORLD > 1
     lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
                              to_device=not sharded)

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import distributed  # noqa: E402
+import inference_model  # noqa: E402
 import policy_model  # noqa: E402
 import preference_data  # noqa: E402
 import train  # noqa: E402
@@ -42,13 +43,13 @@ def matmul_peak(n=2048, reps=10, tries=3):
     """float32 FLOP/s of an n x n matrix product on this device: the best of `tries` timings
     of `reps` products (one timing alone swung 133-171 GFLOP/s within a minute here), by the
     fastest library torch has for it. On the CPU that is the better of MKL (torch.matmul) and
-    oneDNN (policy_model.onednn_product, what inference and training multiply with): on this
+    oneDNN (inference_model.onednn_product, what inference and training multiply with): on this
     project's AMD CPU MKL ran 179 GFLOP/s and oneDNN 430, so MKL alone understated the peak."""
     a, b = torch.randn(n, n, device=common.device()), torch.randn(n, n, device=common.device())
     sync = torch.cuda.synchronize if common.device().type == "cuda" else (lambda: None)
     products = [lambda: a @ b]
     if common.device().type == "cpu" and torch.backends.mkldnn.is_available():
-        products.append(lambda: policy_model.onednn_product(a, b))
+        products.append(lambda: inference_model.onednn_product(a, b))
     best = 0.0
     for product in products:
         for _ in range(3):

@@ -44,8 +44,9 @@ def test_onednn_step_equals_the_f_linear_step(tiny_model_dir, tokenizer, checkpo
         pytest.skip("no oneDNN in this torch build")
     ex = make_examples(tokenizer)
     calls = []
-    product = policy_model.onednn_product
-    monkeypatch.setattr(policy_model, "onednn_product", lambda a, b: calls.append(a.requires_grad) or product(a, b))
+    import inference_model
+    product = inference_model.onednn_product
+    monkeypatch.setattr(inference_model, "onednn_product", lambda a, b: calls.append(a.requires_grad) or product(a, b))
     out = {}
     for onednn in (False, True):
         model, _ = common.load_model(str(tiny_model_dir))
