@@ -7,7 +7,9 @@ the machine's float32 matmul peak beside it (shared machines drift; ratios of on
               Goal: >= 1.3x the speed in <= 0.8x the memory.
   generation  sample.py's path on the large setting (32 prompts x 8 samples, 64 new tokens)
               against the FLOP floor: the tokens/s the measured matmul peak would give at
-              2 x parameters FLOPs per token. Goal: >= 70%.
+              2 x parameters FLOPs per token. Goal: >= 70%. On the CPU it also prints the time
+              in the linear layers' products and their rate, the share the products alone
+              would reach, and the time 70% would leave for all the rest.
   demo        with --demo-base REV: the pipeline of `make demo` (demo.sh, set-up excluded, the
               time it prints) at REV and in this working tree, back to back, each in a fresh
               run directory. Goal: <= 0.5x. About 15 minutes on a 2-core machine.
@@ -17,6 +19,7 @@ the machine's float32 matmul peak beside it (shared machines drift; ratios of on
 Measures and prints; asserts nothing.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import generation  # noqa: E402
+import inference_model  # noqa: E402
 from train_throughput import matmul_peak  # noqa: E402
 
 
@@ -58,20 +62,53 @@ def linear_weights(cfg):
     return cfg.num_hidden_layers * (attn + 3 * cfg.hidden_size * cfg.intermediate_size) + cfg.hidden_size * cfg.vocab_size
 
 
+@contextlib.contextmanager
+def timed_products(model):
+    """Within it, the wall time and FLOPs of every linear layer's forward (the decoder's
+    projections and the vocabulary head): a dict {'s', 'flops'}. CPU only (a GPU product
+    would need a sync per call, which would slow what it measures)."""
+    acc, start = {"s": 0.0, "flops": 0}, {}
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, inference_model.PackedLinear))]
+
+    def before(m, inputs):
+        start[m] = time.perf_counter()
+
+    def after(m, inputs, out):
+        acc["s"] += time.perf_counter() - start[m]
+        acc["flops"] += 2 * inputs[0].numel() * out.shape[-1]
+
+    hooks = [h for m in linears for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield acc
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def generation_goal(peak, n_prompts=32, n_samples=8, new_tokens=64):
     model, tok = common.load_for_inference(common.DEFAULT_MODEL)
     prompts = [json.loads(l)["prompt"] for l in open(ROOT / "data/train_prompts.jsonl")][:n_prompts]
     convs = [generation.user_turn(q) for q in prompts]
     generation.generate(model, tok, convs[:2], max_new_tokens=4, temperature=1.0, num_return=2)  # warm-up
-    st, t = {}, time.time()
-    generation.generate(model, tok, convs, max_new_tokens=new_tokens, temperature=1.0, num_return=n_samples,
-                        batch_size=n_prompts, stats=st)
-    speed = st["tokens"] / (time.time() - t)
+    st, cpu = {}, model.device.type == "cpu"
+    with timed_products(model) if cpu else contextlib.nullcontext() as products:
+        t = time.time()
+        generation.generate(model, tok, convs, max_new_tokens=new_tokens, temperature=1.0, num_return=n_samples,
+                            batch_size=n_prompts, stats=st)
+        wall = time.time() - t
+    speed = st["tokens"] / wall
     flops_per_token = 2 * linear_weights(model.config)
     floor = peak / flops_per_token
     print(f"generation: {n_prompts} prompts x {n_samples} samples, {new_tokens} new tokens: {speed:.1f} tokens/s; "
           f"FLOP floor {floor:.1f} tokens/s ({flops_per_token / 1e9:.3f} GFLOP/token) -> {100 * speed / floor:.1f}% "
           f"(goal >= 70%)")
+    if cpu:  # where the time went: the products (the prefill's too) against everything else (attention, cache
+        # writes, sampling, norms); the floor needs the products at the peak with nothing else
+        rate, budget = products["flops"] / products["s"], st["tokens"] / (0.7 * floor)
+        print(f"  of its {wall:.1f} s, the linear layers' products {products['s']:.1f} s at {rate / 1e9:.1f} GFLOP/s "
+              f"({100 * rate / peak:.0f}% of the peak), everything else {wall - products['s']:.1f} s; with nothing "
+              f"else, the products alone would give {100 * st['tokens'] / products['s'] / floor:.1f}% of the floor; "
+              f"70% leaves {budget - products['s']:.1f} s for everything else")
 
 
 def demo_seconds(tree):
