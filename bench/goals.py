@@ -66,7 +66,8 @@ def linear_weights(cfg):
 def timed_products(model):
     """Within it, the wall time and FLOPs of every linear layer's forward (the decoder's
     projections and the vocabulary head): a dict {'s', 'flops'}. CPU only (a GPU product
-    would need a sync per call, which would slow what it measures)."""
+    would need a sync per call, which would slow what it measures). The hooks cost about
+    3.5 us a call on this project's CPU, 0.05 s of the generation goal's 14k calls."""
     acc, start = {"s": 0.0, "flops": 0}, {}
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, inference_model.PackedLinear))]
 
