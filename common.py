@@ -6,8 +6,8 @@ torch.distributed set-up in distributed.py.
 Nothing here knows about the method itself; the stages hold that.
 """
 import argparse
-import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -34,7 +34,11 @@ class InputError(Exception):
 def run_main(main):
     """Join the process group when torchrun started us (distributed.setup), call main(), and
     turn an InputError into a one-line message and exit status 2."""
-    distributed.setup()
+    try:
+        distributed.setup()
+    except ValueError as e:  # a bad SPA_DIST_TIMEOUT
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except InputError as e:
@@ -53,14 +57,38 @@ def log(*args, **kwargs):
 
 
 def progress(iterable, **kwargs):
-    """A tqdm progress bar on rank 0; the other ranks iterate silently."""
-    return tqdm(iterable, **kwargs) if distributed.is_main() else iterable
+    """A tqdm progress bar on rank 0; on the other ranks a silent one."""
+    return tqdm(iterable, **kwargs) if distributed.is_main() else tqdm(iterable, disable=True, **kwargs)
 
 
-def refuse_same_file(input_path, output_path):
-    """Writing a stage's output over its own input would destroy the input: refuse."""
-    if input_path is not None and Path(input_path).resolve() == Path(output_path).resolve():
-        raise InputError(f"{output_path}: --output is the --input file; choose another output")
+def refuse_overlap(reads, writes, writes_like=None):
+    """Stop before anything is written if a path this run writes or removes (an output, a side
+    file beside it, an output folder) is a path it reads (an input file, a model folder), or
+    lies inside one, or holds one; links and hard links are seen through. reads, writes: paths
+    (None entries skipped); writes_like: a regular expression of more file names the run writes
+    beside its first output (its part files)."""
+    reads = [Path(r) for r in reads if r is not None]
+    for w in (Path(w) for w in writes if w is not None):
+        for r in reads:
+            rw, rr = w.resolve(), r.resolve()
+            same = rw == rr or (w.exists() and r.exists() and os.path.samefile(w, r))
+            if same or rr.is_relative_to(rw) or rw.is_relative_to(rr):
+                role = "--output" if w == Path(writes[0]) else "beside --output"
+                raise InputError(f"{r}: this run reads it, and would write or remove {w} ({role}); "
+                                 "choose another --output")
+    if writes_like is not None:
+        out = Path(writes[0]).resolve()
+        for r in reads:
+            if r.resolve().parent == out.parent and writes_like.fullmatch(r.name):
+                raise InputError(f"{r}: named like a part file of --output {writes[0]}, which this run writes and "
+                                 "removes; choose another --output")
+
+
+def joined_id(*parts):
+    """One record id from several parts (a kind, a model's name, a prompt's id): '/' between
+    them, and a '/' or '%' inside a part escaped as %2F or %25, so that two different lists of
+    parts never give the same id."""
+    return "/".join(str(p).replace("%", "%25").replace("/", "%2F") for p in parts)
 
 
 def seed_everything(seed):
@@ -75,11 +103,8 @@ CONVERT = ("python -c \"import pandas as pd; pd.read_{fmt}('{path}').to_json('{s
            "orient='records', lines=True, force_ascii=False)\"")
 
 
-def read_jsonl(path, required=(), allow_empty=False):
-    """Read records from a JSONL file or a JSON array of objects (as datasets ship), as a list
-    of (number, location, record): number is the line (JSONL) or the 1-based index (array),
-    location what an error names ("file:3" or "file: record 3"). Every record must be a JSON
-    object holding the `required` keys; blank lines are skipped."""
+def checked_path(path):
+    """An input file that exists and is in a format read here, else an InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -87,22 +112,45 @@ def read_jsonl(path, required=(), allow_empty=False):
     if fmt:
         raise InputError(f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
                          + CONVERT.format(fmt=fmt, path=path, stem=path.with_suffix("")))
-    data = path.read_bytes()
-    if data.lstrip()[:1] == b"[":
-        rows = read_json_array(path, data)
-    else:
-        rows = []
-        for n, raw in enumerate(data.splitlines(), 1):
+    return path
+
+
+def parse_json(text, where):
+    """One JSON value, or an InputError naming `where` (malformed, or nested too deeply to read)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+
+
+def stream_jsonl(path):
+    """(line number, "file:line", record) for each non-blank line of a JSONL file, one line in
+    memory at a time; every record must be a JSON object."""
+    path = checked_path(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if line.strip():
+                rec = parse_json(line, f"{path}:{n}")
+                if not isinstance(rec, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                yield n, f"{path}:{n}", rec
+
+
+def read_jsonl(path, required=(), allow_empty=False):
+    """Read records from a JSONL file or a JSON array of objects (as datasets ship), as a list
+    of (number, location, record): number is the line (JSONL) or the 1-based index (array),
+    location what an error names ("file:3" or "file: record 3"). Every record must be a JSON
+    object holding the `required` keys; blank lines are skipped."""
+    path = checked_path(path)
+    with open(path, "rb") as f:
+        array = f.read(4096).lstrip()[:1] == b"["
+    rows = read_json_array(path, path.read_bytes()) if array else list(stream_jsonl(path))
     for n, where, rec in rows:
         if not isinstance(rec, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -116,11 +164,15 @@ def read_jsonl(path, required=(), allow_empty=False):
 
 def read_json_array(path, data):
     try:
-        items = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 (byte {e.start + 1})") from None
+    try:
+        items = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
     return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
 
 
@@ -204,14 +256,6 @@ def device():
     return distributed.device()
 
 
-def autocast(bf16=None):
-    """bf16 autocast (bf16=None: on CUDA only; on the CPU bf16 matmuls are several hundred
-    times slower than float32, so there it is only for tests on tiny models)."""
-    if bf16 or (bf16 is None and device().type == "cuda"):
-        return torch.autocast(device().type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def default_model_dir():
     cache = os.environ.get("SPA_CACHE") or Path.home() / ".cache" / "spa"
     return Path(cache) / DEFAULT_MODEL
@@ -256,6 +300,45 @@ def resolve_model(name):
     return name  # a hub name, for users with network
 
 
+def model_folder(name):
+    """The local folder a --model names (the embedded model's cache included), or None for a hub name."""
+    path = Path(resolve_model(name))
+    return path if path.is_dir() else None
+
+
+def model_fingerprint(name):
+    """What a model folder holds, in 16 hex digits: each weight, config, tokenizer and chat
+    template file's name, size and first and last MiB. Recorded with the settings, so that a
+    resumed run notices weights replaced at the same path (a hub name stands for itself)."""
+    path = model_folder(name)
+    if path is None:
+        return str(name)
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt"):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(max(size - (1 << 20), 0))
+                h.update(f"{f.name}:{size}:".encode() + head + fh.read())
+    return h.hexdigest()[:16]
+
+
+def prompts_fingerprint():
+    """The files of prompts/ (constitution, templates, system variants), in 16 hex digits."""
+    h = hashlib.sha256()
+    for f in sorted(PROMPTS_DIR.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_settings(name, compile=False):
+    """The settings a model brings to a generation stage's output: its name, what its folder
+    holds, how inference runs here, and the prompt files."""
+    return {"model": name, "weights": model_fingerprint(name), "inference": inference_path(compile),
+            "prompts": prompts_fingerprint()}
+
+
 def load_tokenizer(name):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(resolve_model(name))
@@ -271,9 +354,11 @@ def model_config(name):
 
 def load_weights(name, dtype=None, to_device=True):
     """The model in float32 unless `dtype` says otherwise, moved to this process's device
-    (CUDA when present) unless to_device=False (FSDP2 moves each shard itself)."""
+    (CUDA when present) unless to_device=False (FSDP2 moves each shard itself). The model's own
+    layers, as its code defines them: transformers would otherwise swap some for kernels it
+    fetches from the Hub (`use_kernels`, on by default since 5.25)."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32, use_kernels=False)
     return model.to(device()) if to_device else model
 
 
@@ -282,12 +367,33 @@ def load_model(name, dtype=None):
     return load_weights(name, dtype), load_tokenizer(name)
 
 
-def load_for_inference(name):
-    """(model, tokenizer) for generation and judging: bf16 on CUDA, float32 on the CPU, with
-    inference_model's faster layout (SPA_PLAIN_INFERENCE=1: the plain transformers model)."""
-    import inference_model
+def cpu_speed_module():
+    """cpu_speed.py when it applies: on the CPU, unless SPA_CPU_SPEED=0 or the file is gone
+    (every stage runs without it, slower); None on any other device."""
+    if device().type != "cpu" or os.environ.get("SPA_CPU_SPEED", "1") == "0":
+        return None
+    try:
+        import cpu_speed
+    except ModuleNotFoundError:
+        return None
+    return cpu_speed
+
+
+def inference_path(compile=False):
+    """How inference runs here, recorded with a generation stage's settings (it can change the
+    arithmetic, hence the text): 'cpu_speed', or the plain model on this device ('+compile')."""
+    if not compile and cpu_speed_module():
+        return "cpu_speed"
+    return f"plain {device().type}" + (" +compile" if compile else "")
+
+
+def load_for_inference(name, compile=False):
+    """(model, tokenizer) for generation and judging: bf16 on CUDA, float32 on the CPU, in eval
+    mode; on the CPU laid out for speed by cpu_speed.prepare_inference, unless the decoding step
+    is to be compiled (compile=True: the plain model, which compiles in one graph)."""
     model, tok = load_model(name, torch.bfloat16 if device().type == "cuda" else torch.float32)
-    return inference_model.prepare(model.eval()), tok
+    speed = None if compile else cpu_speed_module()
+    return (speed.prepare_inference(model.eval()) if speed else model.eval()), tok
 
 
 def positive_int(text):
@@ -309,7 +415,14 @@ def add_common_args(p, batch_size=8):
                    help=f"prompts per batch and per device; outputs are flushed after each (default {batch_size})")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the input")
     p.add_argument("--overwrite", action="store_true", help="start the output again instead of resuming")
+    add_compile_arg(p)
     return p
+
+
+def add_compile_arg(p):
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step with torch.compile (a static cache; worth it for long runs whose "
+                        "batches repeat their shapes; default off: generate never compiles)")
 
 
 def add_prompt_args(p):

@@ -12,9 +12,8 @@ ITER=${ITER:-1}
 PRIMARY=harmlessness
 JUDGE=(--primary $PRIMARY --mode logits-expected)   # the 135M judge's most likely rating never moves
 # glibc keeps freed memory in the process instead of handing large blocks back and faulting them
-# in again at the next step (measured: refine on 12 prompts 58.9 -> 56.1 s). The generation and
-# judging stages do this themselves on the CPU (inference_model.keep_freed_memory); here it also
-# covers train.py, which is faster so but peaks higher (README, Benchmarks)
+# in again at the next step. The generation and judging stages do this themselves on the CPU
+# (cpu_speed.keep_freed_memory); here it also covers train.py (docs/BENCHMARKS.md)
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000}
 start=$SECONDS
 

@@ -11,10 +11,12 @@ det = 0: the scores carry no information; det > tau: the self-evaluation is unst
 Adds det_cov to each surviving record; writes a summary (a count per reason and the tau
 used) to stderr and to a .summary.json beside the output. --rv-against FILE prints the
 RV coefficient between these self-scores and a second judge's scores of the same
-candidates as prompts are included in order of increasing det (to choose tau).
+candidates as prompts are included in order of increasing det (to choose tau). Every input
+is read and checked before anything is written.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,49 +68,114 @@ def reason(scores, det, tau, use_consistency=True, use_informativeness=True):
 
 
 def rv_coefficient(x, y):
-    """RV coefficient (Escoufier, 1973) of two n x p matrices with the same rows:
-    tr(X X' Y Y') / sqrt(tr((X X')^2) tr((Y Y')^2)), columns centred. 1 for identical X, Y."""
+    """RV coefficient (Escoufier, 1973) of two n x p matrices with the same rows, columns
+    centred: tr(X X' Y Y') / sqrt(tr((X X')^2) tr((Y Y')^2)), computed as
+    |X'Y|^2 / (|X'X| |Y'Y|) (Frobenius norms of p x p products: no n x n matrix). 1 for
+    identical X, Y; nan when either is constant."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    x, y = x - x.mean(0), y - y.mean(0)
-    sx, sy = x @ x.T, y @ y.T
-    denom = np.sqrt((sx * sx).sum() * (sy * sy).sum())
-    return float((sx * sy).sum() / denom) if denom > 0 else float("nan")
+    return rv_from_sums(len(x), x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y)
 
 
-def rv_table(records, dets, judge_by_id, steps=10):
-    """[(fraction included, RV)]: prompts with det > 0 taken in order of increasing det, all
-    their candidates' self-scores against the judge's scores of the same candidates."""
-    order = sorted((d, i) for i, d in enumerate(dets) if d > 0 and records[i]["id"] in judge_by_id)
-    table = []
+def rv_from_sums(n, sx, sy, sxx, syy, sxy):
+    """rv_coefficient from n rows' sums (sx, sy) and uncentred products (X'X, Y'Y, X'Y)."""
+    cxx, cyy, cxy = sxx - np.outer(sx, sx) / n, syy - np.outer(sy, sy) / n, sxy - np.outer(sx, sy) / n
+    denom = np.sqrt((cxx * cxx).sum() * (cyy * cyy).sum())
+    return float((cxy * cxy).sum() / denom) if denom > 1e-12 else float("nan")
+
+
+def rv_table(dets, ours, theirs, steps=10):
+    """[(fraction included, RV)]: prompts with det > 0 that the second judge scored, taken in
+    order of increasing det; at each fraction the RV of all their candidates' self-scores
+    (ours[i], n_i x 2) against the second judge's (theirs[i], or None). Running sums: time
+    and memory grow with the number of prompts, not its square."""
+    order = [i for _, i in sorted((d, i) for i, d in enumerate(dets) if d > 0 and theirs[i] is not None)]
+    n, sx, sy = 0, np.zeros(2), np.zeros(2)
+    sxx, syy, sxy = np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))
+    marks = {}  # prompts taken -> the fractions that take that many
     for k in range(1, steps + 1):
-        chosen = [records[i] for _, i in order[:max(1, round(k / steps * len(order)))]]
-        x = [(c["score_a"], c["score_b"]) for r in chosen for c in r["candidates"]]
-        y = [(c["score_a"], c["score_b"]) for r in chosen for c in judge_by_id[r["id"]]["candidates"]]
-        table.append((k / steps, rv_coefficient(x, y)))
+        marks.setdefault(max(1, round(k / steps * len(order))), []).append(k / steps)
+    table = []
+    for taken, i in enumerate(order, 1):
+        x, y = np.asarray(ours[i], np.float64), np.asarray(theirs[i], np.float64)
+        n, sx, sy = n + len(x), sx + x.sum(0), sy + y.sum(0)
+        sxx, syy, sxy = sxx + x.T @ x, syy + y.T @ y, sxy + x.T @ y
+        rv = rv_from_sums(n, sx, sy, sxx, syy, sxy) if taken in marks else None
+        table += [(frac, rv) for frac in marks.get(taken, [])]
     return table
 
 
-def load_judge(path, records):
-    """The second judge's records by id, checked against ours."""
-    judge = {r["id"]: r for r in common.read_records(path, ["candidates"])}
-    for r in records:
-        j = judge.get(r["id"])
-        if j is not None and (len(j["candidates"]) != len(r["candidates"]) or
-                              any(c.get("score_a") is None or c.get("score_b") is None for c in j["candidates"])):
-            raise common.InputError(f"{path}: id {r['id']}: candidates differ in number from the input, "
-                                    "or hold null scores")
-    return judge
+# ----------------------------------------------------------------------------- reading, checked
+
+def check_score(where, what, value, nullable=True):
+    """A score as the contract has it: an integer 1..10, or null where nullable."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+        raise common.InputError(f"{where}: {what} must be an integer 1..10{' or null' if nullable else ''}, "
+                                f"got {value!r}")
 
 
-def check(path, records):
+def check_scored(path, records, nullable=True):
+    """Each record: at least two candidates and a refined answer, each an object with a string
+    `text` and scores score_a, score_b (integers 1..10, or null where nullable)."""
     for i, r in enumerate(records, 1):
-        if len(r["candidates"]) < 2:
-            raise common.InputError(f"{path}: record {i} (id {r['id']}): {len(r['candidates'])} candidate(s); "
-                                    "a covariance needs at least two (sample.py --n)")
-        if any("score_a" not in c for c in r["candidates"]):
-            raise common.InputError(f"{path}: record {i} (id {r['id']}): candidates have no scores; "
-                                    "run score.py first")
+        where = f"{path}: record {i} (id {r['id']})"
+        cands, ref = r["candidates"], r["refined"]
+        if not isinstance(cands, list) or not all(isinstance(c, dict) for c in cands):
+            raise common.InputError(f"{where}: candidates must be a list of objects")
+        if len(cands) < 2:
+            raise common.InputError(f"{where}: {len(cands)} candidate(s); a covariance needs at least two "
+                                    "(sample.py --num-candidates)")
+        if not isinstance(ref, dict):
+            raise common.InputError(f"{where}: refined must be an object with text, score_a and score_b")
+        for what, c in [*((f"candidate {k + 1}", c) for k, c in enumerate(cands)), ("refined", ref)]:
+            if not isinstance(c.get("text"), str):
+                raise common.InputError(f"{where}: {what} has no string 'text'")
+            for key in ("score_a", "score_b"):
+                if key not in c:
+                    raise common.InputError(f"{where}: {what} has no {key}; run score.py and refine.py first")
+                check_score(where, f"{what}'s {key}", c[key], nullable)
+
+
+def second_judge(path, records):
+    """The second judge's scores of our candidates, streamed (only the scores are kept): a
+    list aligned with records, each [(a, b)] per candidate or None where the file lacks the id."""
+    index = {r["id"]: i for i, r in enumerate(records)}
+    theirs = [None] * len(records)
+    for _, where, rec in common.stream_jsonl(path):
+        i = index.get(str(rec.get("id")))
+        if i is None:
+            continue
+        cands = rec.get("candidates")
+        if not isinstance(cands, list) or len(cands) != len(records[i]["candidates"]) or \
+                not all(isinstance(c, dict) for c in cands):
+            raise common.InputError(f"{where}: id {rec['id']}: candidates must be a list of "
+                                    f"{len(records[i]['candidates'])} objects, as in the input")
+        for k, c in enumerate(cands, 1):
+            for key in ("score_a", "score_b"):
+                check_score(where, f"candidate {k}'s {key}", c.get(key), nullable=False)
+        theirs[i] = [(c["score_a"], c["score_b"]) for c in cands]
+    if not any(t is not None for t in theirs):
+        raise common.InputError(f"{path}: no id in common with the input; --rv-against takes the same prompts "
+                                "scored by a second judge (score.py --judge-api-base ...)")
+    return theirs
+
+
+def fraction(text):
+    """argparse type: a number in 0..1."""
+    value = float(text)
+    if not 0 <= value <= 1:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
+    return value
+
+
+def non_negative(text):
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def main():
@@ -116,9 +183,9 @@ def main():
     p.add_argument("--input", required=True, help="refined.jsonl from refine.py")
     p.add_argument("--output", required=True, help="denoised.jsonl (the surviving records)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tau", type=float, help="absolute upper bound on det(Sigma_j)")
-    g.add_argument("--tau-quantile", type=float, default=0.33,
-                   help="tau as this quantile of the run's positive dets (default 0.33: the paper kept "
+    g.add_argument("--tau", type=non_negative, help="absolute upper bound on det(Sigma_j)")
+    g.add_argument("--tau-quantile", type=fraction, default=0.33,
+                   help="tau as this quantile (0..1) of the run's positive dets (default 0.33: the paper kept "
                         "about the lowest third)")
     p.add_argument("--no-consistency", action="store_true", help="ablation: skip the consistency filter")
     p.add_argument("--no-informativeness", action="store_true", help="ablation: skip the covariance filter")
@@ -126,34 +193,37 @@ def main():
                    help="the same records scored by a second judge: print (fraction included, RV)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
-    common.refuse_same_file(args.input, args.output)
+    out, summary_path = Path(args.output), Path(args.output).with_suffix(".summary.json")
+    common.refuse_overlap(reads=[args.input, args.rv_against],
+                          writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))])
 
     records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
-    check(args.input, records)
+    check_scored(args.input, records)
+    theirs = second_judge(args.rv_against, records) if args.rv_against else None
     scores = [scores_of(r) for r in records]
     dets = [det_cov(s[0]) if s else 0.0 for s in scores]
     tau = args.tau if args.tau is not None else tau_from_quantile([d for d, s in zip(dets, scores) if s], args.tau_quantile)
     why = [reason(s, d, tau, not args.no_consistency, not args.no_informativeness) for s, d in zip(scores, dets)]
-
-    summary = {"input": args.input, "prompts": len(records), "tau": tau,
-               **{r: why.count(r) for r in REASONS}}
+    summary = {"input": args.input, "prompts": len(records), "tau": tau, **{r: why.count(r) for r in REASONS}}
     print("denoise: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
-    common.write_atomic(Path(args.output).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
-    if args.rv_against:
-        judge = load_judge(args.rv_against, records)
+    if theirs is not None:
+        ours = [[(c["score_a"], c["score_b"]) for c in r["candidates"]] for r in records]
         print("fraction_included\tRV")
-        for frac, rv in rv_table(records, dets, judge):
+        for frac, rv in rv_table(dets, ours, theirs):
             print(f"{frac:.1f}\t{rv:.4f}")
     if summary["kept"] == 0:
-        Path(args.output).unlink(missing_ok=True)  # no stale output beside a summary that says "kept 0"
+        out.unlink(missing_ok=True)  # no stale output beside a summary that says "kept 0"
+        common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         worst = max(REASONS[1:], key=lambda r: summary[r])
         hint = {"unscored": "the judge's answers could not be read: try score.py --mode logits",
                 "inconsistent": "try --no-consistency, or a stronger refinement",
-                "degenerate": "the candidates' scores do not vary: sample more (--n) or at higher temperature",
+                "degenerate": "the candidates' scores do not vary: sample more (sample.py --num-candidates) or at "
+                              "higher temperature",
                 "unstable": "raise --tau or --tau-quantile"}[worst]
         raise common.InputError(f"{args.input}: no prompt survives; most were dropped as {worst} "
                                 f"({summary[worst]} of {len(records)}): {hint}")
-    common.write_jsonl_atomic(args.output, [dict(r, det_cov=d) for r, d, w in zip(records, dets, why) if w == "kept"])
+    common.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(records, dets, why) if w == "kept"])
+    common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

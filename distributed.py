@@ -5,7 +5,13 @@
 LOCAL_RANK. NCCL joins them on CUDA (one GPU per process, LOCAL_RANK), gloo on the CPU,
 so the tests run the same code here. Rank 0 alone prints, shows progress and writes
 the files every rank shares; the stages ask `is_main()` only through these helpers.
+
+A rank can wait long at a barrier: one with no prompts left waits while the others load
+an 8B model and generate, and every rank waits while rank 0 gathers and writes the trained
+model. The process group's timeout is therefore SPA_DIST_TIMEOUT seconds (default 7200, two
+hours), not NCCL's 10 minutes.
 """
+import datetime
 import os
 
 import torch
@@ -16,12 +22,30 @@ WORLD = int(os.environ.get("WORLD_SIZE", 1))
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
 
 
+DEFAULT_TIMEOUT_S = 7200
+
+
+def timeout():
+    """How long a collective (a barrier included) may wait: $SPA_DIST_TIMEOUT seconds, default 7200."""
+    text = os.environ.get("SPA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise ValueError(f"SPA_DIST_TIMEOUT must be a positive number of seconds, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup():
-    """Join the process group when started by torchrun (idempotent). Returns (rank, world)."""
+    """Join the process group when started by torchrun (idempotent): NCCL on CUDA, one GPU per
+    process, gloo on the CPU, with timeout(). Returns (rank, world)."""
     if WORLD > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(LOCAL_RANK)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl", timeout=timeout(), device_id=device())
+        else:
+            dist.init_process_group("gloo", timeout=timeout())
     return RANK, WORLD
 
 

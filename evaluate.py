@@ -29,7 +29,7 @@ import report
 import score
 from resumable import Output
 
-WINNER = re.compile(r"winner\s*[:=]?\s*\**\s*([AB])\b", re.IGNORECASE)
+WINNER = re.compile(r"winner\s*+[:=]?+[\s*]*+([AB])\b", re.IGNORECASE)  # possessive: linear time
 
 
 # ----------------------------------------------------------------------------- pairwise verdicts (pure)
@@ -64,45 +64,50 @@ def verdicts(judge, triples, objective):
 
 
 def generate_responses(path, prompts, models, args):
-    """responses.jsonl: one record per (model, prompt), id 'model/prompt id'. Under torchrun
+    """responses.jsonl: one record per (model, prompt), id joined_id(model, prompt id). Under torchrun
     each rank answers its share; the merged file is returned as {id: record} on every rank,
     with (model, tokenizer) of the model that is also the local judge, if it was loaded (else
     None): that model answers last, so the judge reuses it instead of loading it again."""
-    wanted = [dict(p, id=f"{name}/{p['id']}", prompt_id=p["id"], model=name) for name, _ in models for p in prompts]
-    settings = dict(models=models, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    wanted = [dict(p, id=common.joined_id(name, p["id"]), prompt_id=p["id"], model=name) for name, _ in models
+              for p in prompts]
+    settings = dict(models=[[n, m, common.model_fingerprint(m)] for n, m in models], max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed, inference=common.inference_path(args.compile),
+                    prompts=common.prompts_fingerprint())
     judge_path = None if args.judge_api_base else args.judge
     judge = None
-    with Output(path, wanted, settings, args.overwrite, args.input) as out:
+    with Output(path, wanted, settings, args.overwrite) as out:
         for name, model_path in sorted(models, key=lambda m: m[1] == judge_path):  # output order is input order
             batches = out.batches(args.batch_size, where=lambda r: r["model"] == name)
             if not batches:
                 continue
             judge = None  # model and baseline may be one directory: never two copies at once
-            model, tok = common.load_for_inference(model_path)
+            model, tok = common.load_for_inference(model_path, args.compile)
             for batch in common.progress(batches, desc=f"answer {name}"):
                 texts = generation.generate(model, tok, [generation.user_turn(r["prompt"]) for r in batch],
                                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                            batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
-                out.write([dict(r, response=t[0]) for r, t in zip(batch, texts)])
+                                            batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch],
+                                            compile=args.compile)
+                out.write([dict(r, response=t) for r, t in zip(batch, texts)])
             judge = (model, tok) if model_path == judge_path else None  # any other model is freed here
             del model
     return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}, judge
 
 
 def judge_all(path, responses, models, args, loaded=None):
-    """judgments.jsonl: scores per response (id 'model/prompt id'), then pairwise verdicts
-    (id 'pairwise/prompt id') when there is a baseline. Each rank judges its share; a local
-    judge already `loaded` (model, tokenizer) is not loaded again."""
+    """judgments.jsonl: scores per response (id joined_id('score', model, prompt id)), then
+    pairwise verdicts (id joined_id('pairwise', prompt id)) when there is a baseline. Each rank
+    judges its share; a local judge already `loaded` (model, tokenizer) is not loaded again."""
     obj = args.primary
     names = [n for n, _ in models]
-    ans = lambda pid, n: responses[f"{n}/{pid}"]["response"]
-    wanted = [dict(r, kind="score") for r in responses.values()]
+    answer = lambda pid, n: responses[common.joined_id(n, pid)]
+    wanted = [dict(r, id=common.joined_id("score", r["model"], r["prompt_id"]), kind="score")
+              for r in responses.values()]
     if len(models) == 2:
         base, test = names
-        wanted += [{"id": f"pairwise/{pid}", "prompt": responses[f"{test}/{pid}"]["prompt"], "prompt_id": pid,
-                    "kind": "pairwise", "category": responses[f"{test}/{pid}"].get("category"),
-                    "answers": [ans(pid, test), ans(pid, base)]}
-                   for pid in sorted({r["prompt_id"] for r in responses.values()})]
+        wanted += [{"id": common.joined_id("pairwise", pid), "prompt": answer(pid, test)["prompt"], "prompt_id": pid,
+                    "kind": "pairwise", "category": answer(pid, test).get("category"),
+                    "answers": [answer(pid, test)["response"], answer(pid, base)["response"]]}
+                   for pid in dict.fromkeys(r["prompt_id"] for r in responses.values())]
     with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
         # one kind per batch: a batch's verdicts, both orders, go to the judge in one call
         parts = [(kind, out.batches(args.batch_size, where=lambda w, k=kind: w["kind"] == k))
@@ -141,6 +146,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    common.add_compile_arg(p)
     args = p.parse_args()
 
     prompts = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
@@ -151,6 +157,9 @@ def main():
     if len({n for n, _ in models}) < len(models):
         raise common.InputError(f"--name {name!r} equals --baseline-name; give them different names")
     out = Path(args.output)
+    judge = None if args.judge_api_base else args.judge
+    common.refuse_overlap(reads=[args.input, *(common.model_folder(m) for _, m in models),
+                                 judge and common.model_folder(judge)], writes=[out])
     responses, loaded = generate_responses(out / "responses.jsonl", prompts, models, args)
     judgments = judge_all(out / "judgments.jsonl", responses, models, args, loaded)
     names = [n for n, _ in models]

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import common
+from denoise import check_scored, non_negative
 
 
 def answers_of(rec):
@@ -72,44 +73,40 @@ def prompt_pairs(rec, delta, max_pairs=None, order="primary-first"):
                  rejected_scores=list(scores[j]), gap=weight_gap(scores[i], scores[j])) for i, j in pairs]
 
 
-def check(path, records):
-    for i, r in enumerate(records, 1):
-        if len(r["candidates"]) < 2:
-            raise common.InputError(f"{path}: record {i} (id {r['id']}): fewer than two candidates")
-        for c in [*r["candidates"], r["refined"]]:
-            if c.get("score_a") is None or c.get("score_b") is None:
-                raise common.InputError(f"{path}: record {i} (id {r['id']}): a null or missing score; "
-                                        "run denoise.py first (it drops unscored prompts)")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="denoised.jsonl from denoise.py")
     p.add_argument("--output", required=True, help="pairs.jsonl: one record per preference pair")
-    p.add_argument("--delta", type=float, default=2, help="least |da| + |db| for a pair (default 2)")
-    p.add_argument("--max-pairs-per-prompt", type=int, default=None, metavar="K",
+    p.add_argument("--delta", type=non_negative, default=2, help="least |da| + |db| for a pair (default 2)")
+    p.add_argument("--max-pairs-per-prompt", type=common.positive_int, default=None, metavar="K",
                    help="keep at most K pairs per prompt, the largest margins first (default: all)")
     p.add_argument("--order", choices=list(ORDERS), default="primary-first",
                    help="what orders a pair: primary-first is SPA's priority (Eq. 2); helpfulness-first the "
                         "reverse priority; primary-only / helpfulness-only one objective alone (default primary-first)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
-    common.refuse_same_file(args.input, args.output)
+    out, summary_path = Path(args.output), Path(args.output).with_suffix(".summary.json")
+    common.refuse_overlap(reads=[args.input],
+                          writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))])
 
     records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
-    check(args.input, records)
+    try:
+        check_scored(args.input, records, nullable=False)
+    except common.InputError as e:
+        raise common.InputError(f"{e} (denoise.py drops prompts with a null score: run it first)") from None
     per_prompt = [prompt_pairs(r, args.delta, args.max_pairs_per_prompt, args.order) for r in records]
     pairs = [x for ps in per_prompt for x in ps]
     summary = {"input": args.input, "prompts": len(records), "pairs": len(pairs),
                "prompts_without_pairs": sum(not ps for ps in per_prompt),
                "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs), "delta": args.delta, "order": args.order}
     print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
-    common.write_atomic(Path(args.output).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     if not pairs:
-        Path(args.output).unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
+        out.unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
+        common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         raise common.InputError(f"{args.input}: no pair has a margin of at least --delta {args.delta}; "
                                 "lower --delta")
-    common.write_jsonl_atomic(args.output, pairs)
+    common.write_jsonl_atomic(out, pairs)
+    common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,12 @@
 """The model being trained, as one module whose forward returns the summed log-probs of the
-answer tokens: padding-free packing of a micro-batch, the vocabulary head applied at answer
-positions only, oneDNN products on the CPU, gradient checkpointing, LoRA, and FSDP2 sharding
-under torchrun.
+answer tokens: the vocabulary head applied at answer positions only, padded or packed
+micro-batches, gradient checkpointing, LoRA, and FSDP2 sharding under torchrun.
 
-Packing (train.py's default, --no-pack turns it off): the micro-batch's chosen and rejected
-sequences are laid end to end in one row of N tokens, positions restarting at 0 for each,
-and attention runs causally within each sequence (one SDPA call per sequence), so no padding
-token is ever computed. The padded layout (2B rows of the longest length) gives the same
-log-probs to float tolerance (tests/test_speed_paths.py).
-
-oneDNN products (train.py's default on the CPU in float32, --no-onednn turns it off): every
-bias-free linear layer's three products (forward, input and weight gradients) run on oneDNN,
-the library inference_model.PackedLinear multiplies with, instead of MKL, which F.linear
-calls: on this project's AMD CPU MKL ran 161-193 GFLOP/s and oneDNN 267-444 at training's
-shapes, and train.py's step went 0.205 -> 0.264 pairs/s (README, issue 15, eighth round).
+Packing (--pack; train.py's default on the CPU, where it was measured): a micro-batch's
+chosen and rejected sequences are laid end to end in one row of N tokens, positions
+restarting at 0 for each, and attention runs causally within each sequence (one SDPA call
+per sequence), so no padding token is computed. The padded layout (2B rows of the longest
+length, the default on a GPU) gives the same log-probs to float tolerance (tests/test_train.py).
 """
 from functools import partial
 
@@ -23,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 import common
 import distributed
-import inference_model
 import lora
 import preference_data
 
@@ -45,48 +37,6 @@ def packed_attention(module, query, key, value, attention_mask, lengths=None, **
         outs.append(o)
         s += n
     return torch.cat(outs, dim=1), None
-
-
-class OneDnnLinearFunction(torch.autograd.Function):
-    """y = x W^T and its gradients dx = dy W, dW = dy^T x, each one oneDNN product, in float32
-    (the same products F.linear's forward and backward make, summed in another order)."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return inference_model.onednn_product(x, weight)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = inference_model.onednn_product(dy, weight.t()) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = inference_model.onednn_product(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
-        return dx, dw
-
-
-class OneDnnLinear(nn.Linear):
-    """nn.Linear (no bias) whose products run on oneDNN in float32 on the CPU; otherwise (bf16,
-    CUDA, autocast) it is F.linear. The same parameters and names: checkpoints and FSDP2 see
-    an nn.Linear."""
-
-    def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and \
-                not torch.is_autocast_enabled("cpu"):
-            return OneDnnLinearFunction.apply(x, self.weight)
-        return super().forward(x)
-
-
-def use_onednn(model):
-    """Make every bias-free nn.Linear of the model (projections and vocabulary head) a
-    OneDnnLinear in place, on the CPU when oneDNN is there. Returns the number changed."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None]
-    for m in linears:
-        m.__class__ = OneDnnLinear
-    return len(linears)
 
 
 def token_logps(lm_head, hidden, targets):
@@ -136,7 +86,7 @@ class Policy(nn.Module):
 
     def forward(self, input_ids, answer_mask, attention_mask=None, position_ids=None, lengths=None):
         """A batch from preference_data.collate -> (logp, n_tokens), each (sequences,)."""
-        with common.autocast(self.bf16_autocast):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
             extra = {"lengths": lengths} if lengths is not None else {}
             hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, **extra).last_hidden_state
@@ -145,17 +95,18 @@ class Policy(nn.Module):
 
 def build_policy(args, bf16):
     """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
-    LoRA adapters if asked, take oneDNN's products on the CPU in float32, turn on checkpointing,
-    and shard it with FSDP2 under torchrun: each decoder layer, then the root; bf16 compute
-    there via MixedPrecisionPolicy."""
+    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun: each
+    decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy. On the CPU in
+    float32, cpu_speed.prepare_training lays the products out for speed."""
     sharded = distributed.WORLD > 1
     lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
                              to_device=not sharded)
     lm.config.use_cache = False
     if args.lora_rank:
         lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
-    if args.onednn and not bf16 and common.device().type == "cpu":
-        use_onednn(lm)
+    speed = common.cpu_speed_module()
+    if speed and not bf16:
+        speed.prepare_training(lm)
     if args.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded, pack=args.pack)

@@ -77,6 +77,17 @@ def conversation_parts(where, rec):
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
     if not ok:
         raise common.InputError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
+    if isinstance(prompt, list):
+        roles = [m["role"] for m in prompt]
+        unknown = sorted(set(roles) - {"system", "user", "assistant"})
+        if unknown:
+            raise common.InputError(f"{where}: prompt has messages of unknown role {unknown[0]!r} "
+                                    "(known: system, user, assistant)")
+        if "system" in roles[1:]:
+            raise common.InputError(f"{where}: prompt has a system message after its first message")
+        if roles[-1] != "user":
+            raise common.InputError(f"{where}: prompt must end with a user message (the answer answers it), "
+                                    f"ends with {roles[-1]!r}")
     return prompt, answer("chosen"), answer("rejected")
 
 

@@ -56,19 +56,21 @@ def main():
     records = common.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
     score.check_candidates(args.input, records)
     objectives = check_objectives(args.input, records)
-    settings = dict(model=args.model, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    settings = dict(**common.model_settings(args.model, args.compile), seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     **score.judge_settings(args, args.judge or args.model))
-    with Output(args.output, records, settings, args.overwrite, args.input) as out:
+    reads = [args.input, common.model_folder(args.model), args.judge and common.model_folder(args.judge)]
+    with Output(args.output, records, settings, args.overwrite, reads) as out:
         batches = out.batches(args.batch_size)
         if batches:
-            model, tok = common.load_for_inference(args.model)
+            model, tok = common.load_for_inference(args.model, args.compile)
             judge = score.Judge(args, args.model, model, tok) if not args.judge else score.Judge(args, args.judge)
         for batch in common.progress(batches, desc="refine", unit="batch"):
             texts = generation.generate(model, tok, [refine_conversation(r) for r in batch],
                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch])
-            scores = judge.score_objectives([(r["prompt"], t) for r, (t,) in zip(batch, texts)], objectives)
-            out.write([dict(r, refined=dict(text=t, **s)) for r, (t,), s in zip(batch, texts, scores)])
+                                        batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch],
+                                        compile=args.compile)
+            scores = judge.score_objectives([(r["prompt"], t) for r, t in zip(batch, texts)], objectives)
+            out.write([dict(r, refined=dict(text=t, **s)) for r, t, s in zip(batch, texts, scores)])
     common.log(f"refine: {len(records)} prompts -> {args.output}")
 
 

@@ -70,7 +70,7 @@ def build_report(judgments, names, primary):
     for n in names:
         report["models"][n] = summarize([j for j in scores if j["model"] == n])
         for c in cats:
-            report["categories"].setdefault(c, {})[n] = summarize(
+            report["categories"].setdefault(c, {"models": {}})["models"][n] = summarize(
                 [j for j in scores if j["model"] == n and j.get("category") == c])
     if pair:
         report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair]),
@@ -98,7 +98,7 @@ def report_markdown(report, names):
                   "|---|---|---|---|---|---|---|---|"]
         for c, per in report["categories"].items():
             for n in names:
-                m, p = per[n], per.get("pairwise")
+                m, p = per["models"][n], per.get("pairwise")
                 wtl = f"{p['win']:.0%} | {p['tie']:.0%} | {p['lose']:.0%}" if p and n in vs else "- | - | -"
                 lines.append(f"| {c} | {n} | {m['primary']:.2f} | {m['helpfulness']:.2f} | {m['hh10']:.2f} | {wtl} |")
     n_unread = sum(report["models"][n]["unreadable"] for n in names)
@@ -119,25 +119,35 @@ def pairwise_by_model(report):
 def svg(report, names, width=720, height=540):
     """Each model's mean primary score (y) against its mean helpfulness (x), with 95% intervals
     as bars, as an SVG written directly. The region the priority favours is shaded: primary
-    held at the first model's (the baseline's) level or above, and within it, darker, both."""
-    ms = [report["models"][n] for n in names]
+    held at the first model's (the baseline's) level or above, and within it, darker, both.
+    A model without readable scores on both axes is left out, and the picture says so."""
+    drawn = [n for n in names if all(np.isfinite(report["models"][n][k]) for k in ("primary", "helpfulness"))]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="12">']
+    left_out = [n for n in names if n not in drawn]
+    if left_out:
+        out.append(f'<text x="60" y="{height - 30}" fill="#b00">left out, no readable scores: '
+                   f'{escape(", ".join(left_out))}</text>')
+    if not drawn:
+        return "\n".join(out + ["</svg>"]) + "\n"
+    ms = [report["models"][n] for n in drawn]
     span = lambda k: (np.floor(min(m[k + "_ci"][0] for m in ms) * 2) / 2 - 0.5,
                       np.ceil(max(m[k + "_ci"][1] for m in ms) * 2) / 2 + 0.5)
     (x0, x1), (y0, y1) = span("helpfulness"), span("primary")
     L, R, T, B = 60, width - 20, 50, height - 50
     x = lambda v: L + (v - x0) / (x1 - x0) * (R - L)
     y = lambda v: B - (v - y0) / (y1 - y0) * (B - T)
-    base = ms[0]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="12">', f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
-           f'<rect class="favoured" x="{L}" y="{T}" width="{R - L}" height="{y(base["primary"]) - T:.1f}" '
-           'fill="#2a9d8f" fill-opacity="0.10"/>',
-           f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
-           f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
-           'fill-opacity="0.15"/>']
-    out += [f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
-            f'{escape(names[0])}\'s, as the priority asks;</text>',
-            f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>']
+    out.append(f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>')
+    if names[0] in drawn:
+        base = ms[0]
+        out += [f'<rect class="favoured" x="{L}" y="{T}" width="{R - L}" height="{y(base["primary"]) - T:.1f}" '
+                'fill="#2a9d8f" fill-opacity="0.10"/>',
+                f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
+                f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
+                'fill-opacity="0.15"/>',
+                f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
+                f'{escape(names[0])}\'s, as the priority asks;</text>',
+                f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>']
     for t in np.arange(x0, x1 + 1e-9, 0.5):
         out.append(f'<text x="{x(t):.1f}" y="{B + 15}" text-anchor="middle">{t:g}</text>')
     for t in np.arange(y0, y1 + 1e-9, 0.5):
@@ -146,10 +156,11 @@ def svg(report, names, width=720, height=540):
             f'<text transform="translate(14,{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
             f'{escape(report["primary"])} (mean, 95% CI)</text>']
     colours = ["#555", "#e76f51", "#264653", "#e9c46a", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5"]
-    for i, (n, m) in enumerate(zip(names, ms)):
-        c, px, py = colours[i % len(colours)], x(m["helpfulness"]), y(m["primary"])
+    for n, m in zip(drawn, ms):
+        c, px, py = colours[names.index(n) % len(colours)], x(m["helpfulness"]), y(m["primary"])
         out += [f'<g class="model" data-name="{escape(n)}" stroke="{c}" fill="{c}">',
-                f'<line x1="{x(m["helpfulness_ci"][0]):.1f}" y1="{py:.1f}" x2="{x(m["helpfulness_ci"][1]):.1f}" y2="{py:.1f}"/>',
+                f'<line x1="{x(m["helpfulness_ci"][0]):.1f}" y1="{py:.1f}" x2="{x(m["helpfulness_ci"][1]):.1f}" '
+                f'y2="{py:.1f}"/>',
                 f'<line x1="{px:.1f}" y1="{y(m["primary_ci"][0]):.1f}" x2="{px:.1f}" y2="{y(m["primary_ci"][1]):.1f}"/>',
                 f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4"/>',
                 f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" stroke="none">{escape(n)}</text></g>']
@@ -168,17 +179,41 @@ def write(out_dir, report, names):
 
 # ----------------------------------------------------------------------------- gathering
 
-def gather(reports):
-    """Several evaluate.py reports -> one: every model once (the first directory's baseline
-    first), each model's pairwise result against its baseline kept."""
+def gather(reports, dirs):
+    """Several evaluate.py reports (from dirs) -> one: every model once (the first directory's
+    baseline first), each model's pairwise result against its baseline kept. A name that
+    stands for other results in a later directory gets that directory after it."""
     merged = {"primary": reports[0]["primary"], "models": {}, "pairwise_all": []}
-    for r in reports:
+    for r, d in zip(reports, dirs):
         if r["primary"] != merged["primary"]:
             raise common.InputError(f"reports judge different primary objectives: {merged['primary']} and {r['primary']}")
+        named = {}
         for n, m in r["models"].items():
-            merged["models"].setdefault(n, m)
-        merged["pairwise_all"] += list(pairwise_by_model(r).values())
+            same = n in merged["models"] and json.dumps(merged["models"][n]) == json.dumps(m)
+            named[n] = n if n not in merged["models"] or same else f"{n} ({d})"
+            merged["models"].setdefault(named[n], m)
+        merged["pairwise_all"] += [dict(p, model=named.get(p["model"], p["model"])) for p in pairwise_by_model(r).values()]
     return merged
+
+
+METRICS = ("n", "unreadable", "primary", "primary_ci", "helpfulness", "helpfulness_ci",
+           *(f"hh{lam}{ci}" for lam in LAMBDAS for ci in ("", "_ci")))
+
+
+def read_report(path):
+    """A report.json written by evaluate.py, checked, or an InputError naming what is wrong."""
+    if not path.is_file():
+        raise common.InputError(f"{path}: no such file (run evaluate.py --output {path.parent} first)")
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise common.InputError(f"{path}: not a JSON report ({type(e).__name__})") from None
+    ok = (isinstance(r, dict) and isinstance(r.get("primary"), str) and isinstance(r.get("models"), dict) and r["models"]
+          and all(isinstance(m, dict) and all(k in m for k in METRICS) for m in r["models"].values()))
+    if not ok:
+        raise common.InputError(f"{path}: not a report written by evaluate.py (it needs 'primary' and 'models' with "
+                                "each model's metrics)")
+    return r
 
 
 def main():
@@ -186,13 +221,8 @@ def main():
     p.add_argument("dirs", nargs="+", help="evaluation directories written by evaluate.py")
     p.add_argument("--output", required=True, help="directory for the gathered report.md, report.json, result.svg")
     args = p.parse_args()
-    reports = []
-    for d in args.dirs:
-        f = Path(d) / "report.json"
-        if not f.is_file():
-            raise common.InputError(f"{f}: no such file (run evaluate.py --output {d} first)")
-        reports.append(json.loads(f.read_text()))
-    merged = gather(reports)
+    common.refuse_overlap(reads=args.dirs, writes=[args.output])
+    merged = gather([read_report(Path(d) / "report.json") for d in args.dirs], args.dirs)
     print(write(args.output, merged, list(merged["models"])))
 
 

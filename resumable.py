@@ -6,14 +6,16 @@ merges the parts into OUT in input order (line i answers input record i), atomic
 removes them. Rerun the same command after a crash (of any rank, at any world size) and
 every record already in OUT or in a part counts as done; a torn last line is redone.
 
-`OUT.run.json` records the settings that shape the records and a fingerprint of each input
-record: a rerun with other settings or a changed input record is refused, naming what
-differs, instead of mixing two runs in one file. `OUT.lock` keeps a second run out.
+`OUT.run.json` records the settings that shape the records (the model's weights and the
+prompt files among them) and a fingerprint of each input record: a rerun with other settings
+or a changed input record is refused, naming what differs, instead of mixing two runs in one
+file. `OUT.lock` keeps a second run out. No file the run reads may be one of these.
 """
 import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -72,6 +74,18 @@ def release(held):
         os.close(fd)
 
 
+NOT_FLAGS = {"weights": "the model's files", "inference": "the inference path (device, SPA_CPU_SPEED, --compile)",
+             "prompts": "the files of prompts/"}
+
+
+def setting_name(key):
+    """How a resume error names a setting: --flag, or what a fingerprint stands for."""
+    for k, what in NOT_FLAGS.items():
+        if key in (k, f"judge_{k}"):
+            return what.replace("the model", "the judge") if key.startswith("judge_") else what
+    return "--" + key.replace("_", "-")
+
+
 class Output:
     """with Output(path, inputs, settings, overwrite) as out: for batch in out.batches(B): out.write(...)
 
@@ -79,12 +93,14 @@ class Output:
     settings: a JSON-able dict of the flags that shape the records (checked on resume).
     On a clean exit the parts are merged; `out.new` counts this rank's records."""
 
-    def __init__(self, path, inputs, settings, overwrite=False, input_path=None):
+    def __init__(self, path, inputs, settings, overwrite=False, reads=()):
         self.path, self.inputs, self.new = Path(path), inputs, 0
-        common.refuse_same_file(input_path, self.path)
         if self.path.is_dir():
             raise common.InputError(f"{self.path}: --output is a directory; it must be a file")
         self.meta = self.path.with_name(self.path.name + ".run.json")
+        side = [self.meta, self.path.with_name(self.path.name + ".lock")]
+        common.refuse_overlap(reads, [self.path, *side, *(p.with_name(p.name + ".tmp") for p in (self.path, self.meta))],
+                              writes_like=self.part_name)
         self.lock = lock(self.path.with_name(self.path.name + ".lock"), self.path)
         try:
             error = self._check_or_start(settings, overwrite) if distributed.is_main() else None
@@ -104,11 +120,17 @@ class Output:
             self._release()
             raise
 
+    @property
+    def part_name(self):
+        """The names of the part files: OUT.part0, OUT.part1, ... and nothing else."""
+        return re.compile(re.escape(self.path.name) + r"\.part\d+")
+
     def part(self, rank):
         return self.path.with_name(f"{self.path.name}.part{rank}")
 
     def _parts(self):
-        return sorted(self.path.parent.glob(self.path.name + ".part*"))
+        folder = self.path.parent
+        return sorted(p for p in folder.iterdir() if self.part_name.fullmatch(p.name)) if folder.is_dir() else []
 
     def _check_or_start(self, settings, overwrite):
         """Rank 0: with --overwrite remove the old output; otherwise refuse a resume with other
@@ -125,7 +147,7 @@ class Output:
         if old is not None:
             differ = sorted(k for k in set(settings) | set(old["settings"]) if settings.get(k) != old["settings"].get(k))
             if differ:
-                was = ", ".join(f"--{k.replace('_', '-')} {old['settings'].get(k)!r} (now {settings.get(k)!r})" for k in differ)
+                was = ", ".join(f"{setting_name(k)} {old['settings'].get(k)!r} (now {settings.get(k)!r})" for k in differ)
                 return (f"{self.path}: was made with {was}; rerun with the same settings, "
                         "or use --overwrite or another --output")
             fps = {**old["inputs"], **fps}
@@ -162,14 +184,8 @@ class Output:
         return distributed.share([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)])
 
     def write(self, records):
-        crash = os.environ.get("SPA_TEST_CRASH_AFTER")  # tests: die mid-line after N records, as a kill would
         for rec in records:
-            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
-            if crash is not None and self.new >= int(crash):
-                self.f.write(line[:len(line) // 2])
-                self.f.flush()
-                os._exit(3)
-            self.f.write(line)
+            self.f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
             self.new += 1
         self.f.flush()
         os.fsync(self.f.fileno())

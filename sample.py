@@ -37,9 +37,9 @@ def sample_batch(model, tok, batch, plan, system_texts, args):
     temps = [t for _ in batch for _, t in plan]
     keys = [f"{r['id']}/{k}" for r in batch for k in range(len(plan))]
     texts = generation.generate(model, tok, convs, max_new_tokens=args.max_new_tokens, temperature=temps,
-                                top_p=args.top_p, batch_size=len(convs), seed=args.seed, keys=keys)
+                                top_p=args.top_p, batch_size=len(convs), seed=args.seed, keys=keys, compile=args.compile)
     n = len(plan)
-    return [dict(rec, candidates=[{"text": texts[r * n + k][0], "system": s, "temperature": t}
+    return [dict(rec, candidates=[{"text": texts[r * n + k], "system": s, "temperature": t}
                                   for k, (s, t) in enumerate(plan)]) for r, rec in enumerate(batch)]
 
 
@@ -67,7 +67,7 @@ def main():
     if args.num_candidates < 2:
         raise common.InputError("--num-candidates must be at least 2 (denoising needs a covariance)")
     plan = candidate_plan(args.num_candidates, systems, args.temperatures)
-    settings = dict(model=args.model, seed=args.seed, num_candidates=args.num_candidates, systems=systems,
+    settings = dict(**common.model_settings(args.model, args.compile), seed=args.seed, num_candidates=args.num_candidates, systems=systems,
                     temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     truncate_prompts=args.truncate_prompts)
 
@@ -78,10 +78,10 @@ def main():
         context = common.model_config(args.model).max_position_embeddings
         records, cut = generation.truncate_prompts(tok, records, [system_texts[s] for s in systems],
                                                    args.max_new_tokens, context)
-    with Output(args.output, records, settings, args.overwrite, args.input) as out:
+    with Output(args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]) as out:
         batches = out.batches(args.batch_size)
         if batches:
-            model, tok = common.load_for_inference(args.model)
+            model, tok = common.load_for_inference(args.model, args.compile)
         for batch in common.progress(batches, desc="sample", unit="batch"):
             out.write(sample_batch(model, tok, batch, plan, system_texts, args))
     new = int(distributed.all_sum([out.new])[0])

@@ -15,17 +15,11 @@ answer always gets the same score. Two modes:
     torchrun --nproc_per_node 8 score.py ...      (one process per GPU, each a share of the prompts)
 
 Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness"].
-refine.py and evaluate.py import score_answers() from here.
+refine.py and evaluate.py judge with its Judge.
 """
 import argparse
-import http.client
 import json
-import os
 import re
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,17 +27,19 @@ import torch
 import common
 import distributed
 import generation
+import http_judge
 from resumable import Output
 
 OBJECTIVES = ("harmlessness", "honesty", "helpfulness")
-RATING = re.compile(r"rating\s*[:=]?\s*\**\s*(\d+)(?!\d|\.\d)", re.IGNORECASE)
-BARE = re.compile(r"\s*\**\s*(\d+)\s*(?:/\s*10)?\s*\**\.?\s*")  # a reply that is only a number
+# possessive quantifiers (*+, ?+): no backtracking, so a reply of any length parses in linear time
+RATING = re.compile(r"rating\s*+[:=]?+[\s*]*+(\d++)(?!\.\d)", re.IGNORECASE)
+BARE = re.compile(r"\**+\s*+(\d++)\s*+(?:/\s*+10)?+\s*+\**+\.?+")  # a reply that is only a number
 
 
 def parse_rating(text):
     """The last 'Rating: N' in text with N in 1..10 ('rating: 10/10' -> 10), or a reply that
     is nothing but such a number; anything else is None, never a guess."""
-    bare = BARE.fullmatch(text)
+    bare = BARE.fullmatch(text.strip())
     found = [bare] if bare else reversed(list(RATING.finditer(text)))
     for m in found:
         if 1 <= int(m.group(1)) <= 10:
@@ -69,151 +65,40 @@ def rating_token_ids(tok):
     return ids
 
 
-def last_two_hidden(decoder, head, P, tails, groups, pad_id):
-    """The decoder's last hidden state at the last two positions of each row, (B, 2, D), for
-    judge prompts whose first P tokens are the cached `head` (one row, or None if P = 0) and
-    whose rest are `tails` (lists of ids). Rows of the same group (a prompt's candidates) also
-    share what their tails begin with (the question): that part runs once per group, its keys
-    and values are copied to the group's rows, and only each row's own remainder runs after.
-    Pads sit between the parts (left of each part); positions count real tokens only."""
-    dev = decoder.device
-    names = {k: j for j, k in enumerate(dict.fromkeys(groups))}  # each group's index, in order of first row
-    g = torch.tensor([names[k] for k in groups], device=dev)  # each row's group
-    members = [[t for t, k in zip(tails, groups) if k == n] for n in names]
-    shared = [generation.common_prefix_length(m) if len(m) > 1 else 0 for m in members]
-    if max(shared) and head is not None:  # the groups' shared parts, one row per group, after the head
-        ids, mask, _ = generation.head_and_tails([m[0][:q] for m, q in zip(members, shared)], pad_id, share_head=False)
-        ids, mask = ids.to(dev), mask.to(dev)
-        cache, before = generation.repeated(head, len(names)), torch.ones(len(names), P, dtype=torch.long, device=dev)
-        decoder(input_ids=ids, attention_mask=torch.cat([before, mask], 1), position_ids=generation.positions(mask, P),
-                cache=cache, use_cache=True)
-        cache.batch_select_indices(g)  # every row gets its group's keys and values
-        before, offset = torch.cat([before, mask], 1)[g], P + torch.tensor(shared, device=dev)[g, None]
-        tails = [t[shared[j]:] for t, j in zip(tails, g.tolist())]
-    else:
-        cache = generation.repeated(head, len(tails)) if head is not None else None
-        before, offset = torch.ones(len(tails), P, dtype=torch.long, device=dev), P
-    ids, mask, _ = generation.head_and_tails(tails, pad_id, share_head=False)
-    ids, mask = ids.to(dev), mask.to(dev)
-    hidden = decoder(input_ids=ids, attention_mask=torch.cat([before, mask], 1), cache=cache,
-                     position_ids=generation.positions(mask, offset), use_cache=cache is not None).last_hidden_state
-    return hidden[:, -2:]
-
-
 @torch.no_grad()
-def rating_distribution(model, tok, conversations, batch_size=16, groups=None):
-    """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), in one forward
-    pass per judgement. When '10' is two tokens t1 t0 with t1 = '1', the prompt is fed with
-    t1 appended and we read two positions: P(10) = P(t1) P(t0 | t1), P(1) = P(t1)(1 - P(t0 | t1)).
-    The judge prompts share a long head (instructions and constitution): it runs once and its
-    KV cache serves every row; conversations with the same `groups` key (one per conversation,
-    e.g. its question; None: all distinct) share their next part too (last_two_hidden). Only
-    the two positions read go through the vocabulary head."""
+def rating_distribution(model, tok, conversations, batch_size=16, compile=False):
+    """P(score = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10): the judge is asked
+    to go on after 'Rating: ' and its first token's probabilities are read from generate's logits.
+    Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the first token is forced to
+    '1' and the second step gives P('0' | '1'): P(10) = P('1') P('0' | '1') and P(1) = P('1')
+    (1 - P('0' | '1'))."""
     ids = rating_token_ids(tok)
     two = len(ids[9]) == 2
     if two and ids[9][0] != ids[0][0]:
         raise ValueError("logits mode expects '10' to start with the token of '1'")
-    seqs = [tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"]
-            + ([ids[0][0]] if two else []) for c in conversations]
-    groups = list(range(len(seqs))) if groups is None else list(groups)
-    P = generation.common_prefix_length(seqs)
-    with common.autocast():
-        decoder = model.get_decoder()  # the vocabulary head runs only at the two positions read
-        head = decoder(input_ids=torch.tensor([seqs[0][:P]], device=model.device), use_cache=True).cache if P else None
-    first_row, longest = {}, {}
-    for i, k in enumerate(groups):
-        first_row.setdefault(k, i)
-        longest[k] = max(longest.get(k, 0), len(seqs[i]))
-    order = sorted(range(len(seqs)), key=lambda i: (longest[groups[i]], first_row[groups[i]], i))  # like lengths together
-    out = torch.empty(len(seqs), 10)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        with common.autocast():
-            hidden = last_two_hidden(decoder, head, P, [seqs[i][P:] for i in idx], [groups[i] for i in idx],
-                                     tok.pad_token_id)
-            logits = model.get_output_embeddings()(hidden).float()  # (B, 2, V)
-        first = logits[:, 0 if two else 1].log_softmax(-1)
-        p = first[:, [i[0] for i in ids[:9]]].exp()  # (B, 9): P(1..9) as a first token
-        p10 = first[:, ids[9][0]].exp()  # '10' as one token (Llama 3), else replaced below
-        if two:
-            q0 = logits[:, 1].log_softmax(-1)[:, ids[9][1]].exp()  # P('0' | '1')
-            p10 = p[:, 0] * q0
-            p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:]], dim=1)
-        probs = torch.cat([p, p10[:, None]], dim=1)
-        out[idx] = (probs / probs.sum(dim=1, keepdim=True)).cpu()
-    return out
+    texts = [generation.chat_text(tok, c) + "Rating: " for c in conversations]
+    digits = [i[0] for i in ids[:9]] + ([ids[9][1]] if two else [ids[9][0]])
+    lp = generation.next_token_logprobs(model, tok, texts, digits, steps=2 if two else 1,
+                                        first_token=ids[0][0] if two else None, batch_size=batch_size, compile=compile)
+    p = lp[:, 0].exp()  # (N, 10): P(1..9) as a first token, then P('10') or, if two tokens, P('0') as a first token
+    if two:
+        q0 = lp[:, 1, 9].exp()  # P('0' | '1')
+        p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:9], (p[:, 0] * q0)[:, None]], dim=1)
+    return p / p.sum(dim=1, keepdim=True)
 
 
-def score_answers(model, tok, items, objective, mode="generate", batch_size=16, max_new_tokens=48):
-    """Judge (prompt, answer) pairs on one objective. Returns one dict per item:
-    {"score": int 1..10 or None} plus, in logits mode, "expected" (float).
-    mode: "generate", "logits" (score = most likely rating) or "logits-expected" (score =
-    the expected rating rounded: for a weak judge whose most likely rating never moves)."""
+def logits_scores(model, tok, items, objective, mode, batch_size=16, compile=False):
+    """Judge (prompt, answer) pairs on one objective from the rating distribution: one dict per
+    item, {"score": int 1..10, "expected": float}. mode "logits": the score is the most likely
+    rating; "logits-expected": the expected rating, rounded (for a weak judge whose most likely
+    rating never moves)."""
     if not items:
         return []
-    convs = [judge_conversation(objective, q, a) for q, a in items]
-    if mode.startswith("logits"):
-        probs = rating_distribution(model, tok, convs, batch_size, groups=[q for q, _ in items])
-        expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
-        best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
-        return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]
-    texts = generation.generate(model, tok, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [{"score": parse_rating(t[0])} for t in texts]
-
-
-# ----------------------------------------------------------------------------- an HTTP judge
-
-def post(url, body, headers, deadline):
-    """POST and read the whole reply within `deadline` seconds in all: urllib's timeout bounds
-    each socket read, so a server that trickles bytes could otherwise hold us forever. The
-    request runs in a daemon thread that is abandoned when the deadline passes."""
-    box = {}
-
-    def worker():
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=deadline) as r:
-                box["data"] = r.read()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=worker, daemon=True)
-    t.start()
-    t.join(deadline)
-    if t.is_alive():
-        raise TimeoutError(f"no complete reply within {deadline} s")
-    if "error" in box:
-        raise box["error"]
-    return box["data"]
-
-
-def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
-    """One reply from an OpenAI-compatible /chat/completions endpoint, standard library only.
-    Retries connection errors, time-outs (`timeout`: seconds per request, in all), 429, 5xx
-    and replies not in the chat-completions format, with exponential back-off. After the
-    last try: a reply still malformed is None (counted unreadable), an endpoint that never
-    answered is an error."""
-    url = api_base.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
-    last = malformed = None
-    for attempt in range(retries):
-        try:
-            content = json.loads(post(url, body, headers, timeout))["choices"][0]["message"]["content"]
-            if content is None or isinstance(content, str):
-                return content or ""
-            malformed = last = f"content of type {type(content).__name__}"
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
-                raise common.InputError(f"judge endpoint {url}: HTTP {e.code} {e.reason}") from None
-            last, malformed = f"HTTP {e.code}", None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            last, malformed = str(getattr(e, "reason", e)), None
-        except (KeyError, IndexError, TypeError, ValueError, http.client.HTTPException) as e:
-            malformed = last = f"a reply not in the chat-completions format ({type(e).__name__})"
-        time.sleep(backoff * 2 ** attempt)
-    if malformed:
-        return None
-    raise common.InputError(f"judge endpoint {url} failed after {retries} tries: {last}")
+    probs = rating_distribution(model, tok, [judge_conversation(objective, q, a) for q, a in items], batch_size,
+                                compile)
+    expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
+    best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
+    return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]
 
 
 # ----------------------------------------------------------------------------- the judge
@@ -227,21 +112,22 @@ class Judge:
     def __init__(self, args, name, model=None, tok=None):
         self.args, self.http = args, bool(args.judge_api_base)
         self.mode = judge_mode(args, name)
+        if self.http:
+            http_judge.check_api_base(args.judge_api_base)
         if not self.http:
-            self.model, self.tok = (model, tok) if model is not None else common.load_for_inference(name)
+            self.model, self.tok = (model, tok) if model is not None else common.load_for_inference(name, args.compile)
 
     def ask(self, conversations, parse):
         """Replies parsed; over HTTP an unreadable reply is asked once more, then None."""
         if not self.http:
             texts = generation.generate(self.model, self.tok, conversations, max_new_tokens=self.args.judge_max_tokens,
-                                        batch_size=self.args.judge_batch_size)
-            return [parse(t[0]) for t in texts]
+                                        batch_size=self.args.judge_batch_size, compile=self.args.compile)
+            return [parse(t) for t in texts]
 
         def one(conv):
             for _ in range(2):
-                reply = chat_completion(self.args.judge_api_base, self.args.judge_model, conv,
-                                        timeout=self.args.judge_timeout, backoff=self.args.backoff)
-                value = None if reply is None else parse(reply)
+                value = parse(http_judge.chat_completion(self.args.judge_api_base, self.args.judge_model, conv,
+                                                         timeout=self.args.judge_timeout, backoff=self.args.backoff))
                 if value is not None:
                     return value
             return None
@@ -251,7 +137,8 @@ class Judge:
     def scores(self, items, objective):
         """(prompt, answer) pairs -> [{"score": 1..10 or None}, + "expected" in the logits modes]."""
         if self.mode.startswith("logits"):
-            return score_answers(self.model, self.tok, items, objective, self.mode, self.args.judge_batch_size)
+            return logits_scores(self.model, self.tok, items, objective, self.mode, self.args.judge_batch_size,
+                                 self.args.compile)
         return [{"score": s} for s in self.ask([judge_conversation(objective, q, a) for q, a in items], parse_rating)]
 
     def score_objectives(self, items, objectives):
@@ -310,9 +197,15 @@ def add_judge_args(p, judge_default=None):
 
 
 def judge_settings(args, name):
-    """What shapes a judge's scores, for resume checks (never the API key)."""
-    return dict(judge=args.judge_model if args.judge_api_base else name, judge_api_base=args.judge_api_base,
-                primary=args.primary, mode=judge_mode(args, name), judge_max_tokens=args.judge_max_tokens)
+    """What shapes a judge's scores, for resume checks (never the API key): the endpoint and
+    model asked, or a local judge's weights and how inference runs; the prompt files."""
+    if args.judge_api_base:
+        http_judge.check_api_base(args.judge_api_base)  # refused here, before any output is started
+        judge = {"judge": args.judge_model, "judge_api_base": http_judge.shown_url(args.judge_api_base),
+                 "judge_prompts": common.prompts_fingerprint()}
+    else:
+        judge = {f"judge_{k}" if k != "model" else "judge": v for k, v in common.model_settings(name, args.compile).items()}
+    return dict(judge, primary=args.primary, mode=judge_mode(args, name), judge_max_tokens=args.judge_max_tokens)
 
 
 def main():
@@ -325,8 +218,8 @@ def main():
     records = common.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
     check_candidates(args.input, records)
     name = args.judge or args.model
-    with Output(args.output, records, dict(model=args.model, **judge_settings(args, name)), args.overwrite,
-                args.input) as out:
+    reads = [args.input, None if args.judge_api_base else common.model_folder(name)]
+    with Output(args.output, records, judge_settings(args, name), args.overwrite, reads) as out:
         batches = out.batches(args.batch_size)
         judge = Judge(args, name) if batches else None
         nulls = total = 0

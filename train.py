@@ -8,8 +8,7 @@
 --loss simpo sets w = 1; --loss dpo uses summed log-probs against reference log-probs
 computed once by the starting model before training (with LoRA: the model with its adapters
 off, no reference pass); --loss sft is the NLL of the chosen answer. Chosen and rejected
-answers go through the model in one forward, packed end to end without padding
-(policy_model.py; --no-pack pads them).
+answers go through the model in one forward (policy_model.py).
 
     python train.py --input runs/x/pairs.jsonl --output runs/x/model --loss spa
     torchrun --nproc_per_node 8 train.py ...             FSDP2 over 8 GPUs (full fine-tune)
@@ -39,6 +38,7 @@ import checkpoints
 import common
 import distributed
 import lora
+import plots
 import policy_model
 import preference_data
 import resumable
@@ -78,7 +78,47 @@ def rank_slice(micro_batch):
     return micro_batch[distributed.RANK * per:(distributed.RANK + 1) * per]
 
 
-# ----------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------- one step, one evaluation
+
+def pair_losses(policy, examples, idx, args, pad_id, mean_gap, ref=None):
+    """Eq. 3 (or the --loss variant) on the pairs examples[idx]: a dict of (B,) tensors,
+    loss, r_c, r_r (rewards), lp_c, lp_r (summed log-probs), n_c, n_r (answer tokens), w."""
+    ex = [examples[i] for i in idx]
+    lp_c, lp_r, n_c, n_r = policy_model.sequence_logps(policy, ex, pad_id)
+    gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
+    w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
+    refs = (None, None)
+    if args.loss == "dpo" and ref is None:  # LoRA: the reference is the model with its adapters off
+        lora.set_enabled(policy, False)
+        refs = policy_model.reference_forward(policy, ex, pad_id)
+        lora.set_enabled(policy, True)
+    elif ref is not None:
+        refs = (ref[idx, 0].to(lp_c.device), ref[idx, 1].to(lp_c.device))
+    loss, r_c, r_r = preference_losses(lp_c, lp_r, n_c, n_r, w, args.loss, args.beta, args.gamma, *refs)
+    if not torch.isfinite(loss.sum()):
+        raise FloatingPointError(f"loss is {loss.sum().item()} in pairs {[e['id'] for e in ex]} "
+                                 f"(lines {[e['line'] for e in ex]})")
+    return dict(loss=loss, r_c=r_c, r_r=r_r, lp_c=lp_c, lp_r=lp_r, n_c=n_c, n_r=n_r, w=w)
+
+
+def add_stats(stats, out, n_pairs):
+    """Add one micro-batch's sums to stats (the loss already divided by the step's n_pairs)."""
+    stats["loss"] += out["loss"].sum().item() / n_pairs
+    stats["r_c"] += out["r_c"].sum().item()
+    stats["r_r"] += out["r_r"].sum().item()
+    stats["acc"] += (out["r_c"] > out["r_r"]).sum().item()
+    stats["lp_c"] += (out["lp_c"] / out["n_c"]).sum().item()
+    stats["lp_r"] += (out["lp_r"] / out["n_r"]).sum().item()
+    stats["tokens"] += (out["n_c"].sum() + out["n_r"].sum()).item()
+    stats["zero_w"] += (out["w"] == 0).sum().item()
+    stats["w_sum"] += out["w"].sum().item()
+    stats.update(w_min=min(stats["w_min"], out["w"].min().item()), w_max=max(stats["w_max"], out["w"].max().item()))
+
+
+def new_stats():
+    return dict({k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w", "w_sum")},
+                w_min=math.inf, w_max=-math.inf)
+
 
 def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
     """Forward and backward over this rank's slices of the micro-batches of one optimizer
@@ -90,40 +130,40 @@ def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
     n_pairs = sum(len(mb) for mb in micro_batches)
     mean_gap = sum(examples[i]["gap"] for mb in micro_batches for i in mb) / n_pairs
     scale = distributed.WORLD / n_pairs  # FSDP averages gradients over ranks; we want the sum / n_pairs
-    stats = {k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w", "w_sum")}
-    stats.update(w_min=math.inf, w_max=-math.inf)
+    stats = new_stats()
     for mb in micro_batches:
         mine = rank_slice(mb)
-        ex = [examples[i] for i in (mine or mb[:1])]
-        lp_c, lp_r, n_c, n_r = policy_model.sequence_logps(policy, ex, pad_id)
-        gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
-        w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
-        refs = (None, None)
-        if args.loss == "dpo" and ref is None:  # LoRA: the reference is the model with its adapters off
-            lora.set_enabled(policy, False)
-            refs = policy_model.reference_forward(policy, ex, pad_id)
-            lora.set_enabled(policy, True)
-        elif ref is not None:
-            idx = mine or mb[:1]
-            refs = (ref[idx, 0].to(lp_c.device), ref[idx, 1].to(lp_c.device))
-        losses, r_c, r_r = preference_losses(lp_c, lp_r, n_c, n_r, w, args.loss, args.beta, args.gamma, *refs)
-        if not torch.isfinite(losses.sum()):
-            raise FloatingPointError(f"loss is {losses.sum().item()} in pairs {[e['id'] for e in ex]} "
-                                     f"(lines {[e['line'] for e in ex]})")
-        (losses.sum() * scale * (1.0 if mine else 0.0)).backward()
-        if not mine:
-            continue
-        stats["loss"] += losses.sum().item() / n_pairs
-        stats["r_c"] += r_c.sum().item()
-        stats["r_r"] += r_r.sum().item()
-        stats["acc"] += (r_c > r_r).sum().item()
-        stats["lp_c"] += (lp_c / n_c).sum().item()
-        stats["lp_r"] += (lp_r / n_r).sum().item()
-        stats["tokens"] += (n_c.sum() + n_r.sum()).item()
-        stats["zero_w"] += (w == 0).sum().item()
-        stats["w_sum"] += w.sum().item()
-        stats.update(w_min=min(stats["w_min"], w.min().item()), w_max=max(stats["w_max"], w.max().item()))
+        out = pair_losses(policy, examples, mine or mb[:1], args, pad_id, mean_gap, ref)
+        (out["loss"].sum() * scale * (1.0 if mine else 0.0)).backward()
+        if mine:
+            add_stats(stats, out, n_pairs)
     return stats, n_pairs
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, examples, args, pad_id, ref=None):
+    """The held-out pairs through the model without gradients, as TRL's trainers report them:
+    eval_loss (Eq. 3's mean over the pairs, the weights' mean gap taken over all of them),
+    eval_rewards/chosen, /rejected, /margins, /accuracies (the share with r_c > r_r) and
+    eval_logps/chosen, /rejected (mean log-prob per answer token). Each rank takes its slice
+    of every global micro-batch, as in training."""
+    policy.eval()
+    n = len(examples)
+    mean_gap = sum(e["gap"] for e in examples) / n
+    stats, step = new_stats(), args.batch_size * distributed.WORLD
+    for start in range(0, n, step):
+        mb = list(range(start, min(start + step, n)))
+        mine = rank_slice(mb)
+        out = pair_losses(policy, examples, mine or mb[:1], args, pad_id, mean_gap, ref)
+        if mine:
+            add_stats(stats, out, n)
+    if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
+        policy.reshard()
+    policy.train()
+    s = reduce_stats(stats)
+    return {"eval_loss": s["loss"], "eval_rewards/chosen": s["r_c"] / n, "eval_rewards/rejected": s["r_r"] / n,
+            "eval_rewards/margins": (s["r_c"] - s["r_r"]) / n, "eval_rewards/accuracies": s["acc"] / n,
+            "eval_logps/chosen": s["lp_c"] / n, "eval_logps/rejected": s["lp_r"] / n}
 
 
 def reduce_stats(stats):
@@ -169,6 +209,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="pairs from pairs.py, or any prompt/chosen/rejected data (JSONL or "
                    "a JSON array; strings or conversational messages; gap needed by --loss spa only)")
+    p.add_argument("--eval-input", default=None, help="held-out pairs, evaluated before the first step, every "
+                   "--eval-every steps and at the end (eval_loss, eval_rewards/accuracies, ... in metrics.jsonl)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations of --eval-input (default 0: "
+                   "before and after training only)")
     p.add_argument("--output", required=True, help="output model directory")
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="starting model (default: the embedded one)")
     p.add_argument("--loss", choices=["spa", "simpo", "dpo", "sft"], default="spa", help="default spa (Eq. 3)")
@@ -186,12 +230,10 @@ def parse_args(argv=None):
     p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
                         f"recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="lay a micro-batch's sequences end to end in one row, attention within each: no padding "
-                        "computed (default on; --no-pack pads every sequence to the longest)")
-    p.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU in float32, the linear layers' products on oneDNN instead of F.linear's MKL "
-                        "(default on: 1.29x the pairs/s on this project's AMD CPU, README; --no-onednn: F.linear)")
+                        "computed (default: on on the CPU, where it was measured; off on a GPU: every sequence "
+                        "padded to the longest)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward to save memory (default on)")
     p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
@@ -212,17 +254,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.beta is None:
         args.beta = 0.1 if args.loss == "dpo" else 2.5
+    if args.pack is None:
+        args.pack = common.device().type == "cpu"
     if args.lora_rank < 0:
         p.error("--lora-rank must be >= 0")
     return args
 
 
+MAY_CHANGE_ON_RESUME = ("input", "limit", "output", "resume", "overwrite", "stop_after", "save_every", "eval_input",
+                        "eval_every")  # the pairs themselves are checked by their digest
+
+
 def plan_info(args, examples, n_steps):
-    """What a checkpoint must match to be resumed: the pairs and everything that shapes the steps."""
+    """What a checkpoint must match to be resumed: the pairs, the starting model's files, how
+    the CPU path runs, and every flag that shapes the steps (all but MAY_CHANGE_ON_RESUME)."""
     digest = hashlib.sha1(json.dumps([(e["chosen"], e["rejected"], e["gap"]) for e in examples]).encode()).hexdigest()
-    return {"pairs": digest, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "epochs": args.epochs,
-            "world_size": distributed.WORLD, "seed": args.seed, "steps": n_steps, "loss": args.loss,
-            "lr": args.lr, "lora_rank": args.lora_rank, "max_length": args.max_length}
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+    return {"pairs": digest, "steps": n_steps, "world_size": distributed.WORLD,
+            "weights": common.model_fingerprint(args.model), "cpu_speed": common.cpu_speed_module() is not None, **flags}
 
 
 def check_output(out, args):
@@ -235,29 +284,50 @@ def check_output(out, args):
         raise common.InputError(f"{out}: holds a checkpoint; continue it with --resume or start again with --overwrite")
 
 
-def dpo_reference(out, policy, examples, args, pad_id):
-    """Reference log-probs for dpo, computed once and kept (safetensors) for --resume; None with LoRA."""
+def dpo_reference(out, policy, examples, eval_examples, args, pad_id):
+    """Reference log-probs for dpo, of the training and the held-out pairs, computed once by the
+    starting model and kept (safetensors) for --resume; (None, None) with LoRA or another loss."""
     if args.loss != "dpo" or args.lora_rank:
-        return None
+        return None, None
     path = out / "reference_logps.safetensors"
     if args.resume and path.exists():
-        return load_file(path)["logps"]
-    ref = reference_logps(policy, examples, args.batch_size, pad_id)
+        saved = load_file(path)
+        return saved["logps"], saved.get("eval_logps")
+    refs = {"logps": reference_logps(policy, examples, args.batch_size, pad_id)}
+    if eval_examples:
+        refs["eval_logps"] = reference_logps(policy, eval_examples, args.batch_size, pad_id)
     if distributed.is_main():
-        save_file({"logps": ref}, path)
-    return ref
+        save_file(refs, path)
+    return refs["logps"], refs.get("eval_logps")
+
+
+def load_data(args, tok):
+    """The training pairs and the held-out ones (--eval-input, else []), with the drop counts."""
+    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit,
+                                                   need_gap=args.loss == "spa")
+    held_out = preference_data.load_pairs(args.eval_input, tok, args.max_length, need_gap=args.loss == "spa")[0] \
+        if args.eval_input else []
+    return examples, held_out, dropped
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output)
     common.seed_everything(args.seed)
-    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
+    common.refuse_overlap(reads=[args.input, args.eval_input, common.model_folder(args.model)], writes=[out])
     tok = common.load_tokenizer(args.model)
-    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit,
-                                                     need_gap=args.loss == "spa")
+    examples, held_out, dropped = load_data(args, tok)
     check_output(out, args)
     held = resumable.lock(out / "train.lock", out)  # one run per output directory
+    try:
+        fit(args, out, tok, examples, held_out, dropped)
+    finally:
+        resumable.release(held)
+
+
+def fit(args, out, tok, examples, held_out, dropped):
+    """The training loop of an output directory this process holds the lock of."""
+    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and common.device().type == "cuda")
     if args.overwrite and distributed.is_main():
         for old in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
             shutil.rmtree(out / old, ignore_errors=True)
@@ -265,27 +335,26 @@ def main(argv=None):
     distributed.barrier()
     policy = policy_model.build_policy(args, bf16)
     pad_id = tok.pad_token_id
-    ref = dpo_reference(out, policy, examples, args, pad_id)
+    ref, eval_ref = dpo_reference(out, policy, examples, held_out, args, pad_id)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
     info = plan_info(args, examples, len(plan))
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
     start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
-    metrics_path = out / "metrics.jsonl"
-    if distributed.is_main():
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
-            if start and metrics_path.exists() else []
-        common.write_atomic(metrics_path, "".join(l + "\n" for l in kept))
+    metrics = Metrics(out / "metrics.jsonl", start)
     zero_gap = sum(e["gap"] == 0 for e in examples)
     n_train = sum(p.numel() for _, p in named)
     common.log(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
-               f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(plan)} steps of "
-               f"{args.batch_size} per device x {args.grad_accum} accumulation x {distributed.WORLD} process(es) = "
-               f"{args.batch_size * args.grad_accum * distributed.WORLD} pairs; loss {args.loss}, device "
-               f"{common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 master weights, "
-               f"{'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained parameters",
-               file=sys.stderr)
+               f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(held_out)} held-out "
+               f"pairs, {len(plan)} steps of {args.batch_size} per device x {args.grad_accum} accumulation x "
+               f"{distributed.WORLD} process(es) = {args.batch_size * args.grad_accum * distributed.WORLD} pairs; "
+               f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "
+               f"master weights, {'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained "
+               "parameters", file=sys.stderr)
+    evaluate_now = lambda step: held_out and (step == 0 or step == len(plan) or args.eval_every and step % args.eval_every == 0)
+    if start == 0 and evaluate_now(0):
+        metrics.write({"step": 0, **evaluate_pairs(policy, held_out, args, pad_id, eval_ref)})
 
     bar = common.progress(range(start, len(plan)), desc="train", unit="step", initial=start, total=len(plan))
     for step in bar:
@@ -295,7 +364,7 @@ def main(argv=None):
         except FloatingPointError as e:
             ck = checkpoints.find_checkpoint(out)
             where = f"the last good checkpoint is in {ck}" if ck else "no checkpoint was written yet"
-            raise SystemExit(f"error: training stopped at step {step + 1}: {e}; {where}")
+            raise common.InputError(f"training stopped at step {step + 1}: {e}; {where}") from None
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], args.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lr = sched.get_last_lr()[0]
@@ -305,33 +374,51 @@ def main(argv=None):
         s = reduce_stats(s)
         dt = time.time() - t0
         row = {"step": step + 1, "loss": s["loss"], "rewards/chosen": s["r_c"] / n, "rewards/rejected": s["r_r"] / n,
-               "rewards/accuracy": s["acc"] / n, "rewards/margin": (s["r_c"] - s["r_r"]) / n,
+               "rewards/accuracies": s["acc"] / n, "rewards/margins": (s["r_c"] - s["r_r"]) / n,
                "logps/chosen": s["lp_c"] / n, "logps/rejected": s["lp_r"] / n, "weight/mean": s["w_sum"] / n,
                "weight/min": s["w_min"], "weight/max": s["w_max"], "weight/zero": s["zero_w"], "lr": lr,
                "grad_norm": grad_norm, "pairs_per_s": n / dt, "tokens_per_s": s["tokens"] / dt}
-        if distributed.is_main():
-            with open(metrics_path, "a") as mf:
-                mf.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margin']:.3f}",
-                            acc=f"{row['rewards/accuracy']:.2f}")
+        if evaluate_now(step + 1):
+            row.update(evaluate_pairs(policy, held_out, args, pad_id, eval_ref))
+        metrics.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
+                        acc=f"{row['rewards/accuracies']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
             checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
         if step + 1 == args.stop_after:
             common.log(f"train: stopped after step {step + 1} (--stop-after)", file=sys.stderr)
-            return resumable.release(held)
+            return
     state = checkpoints.full_state_dict(policy.lm)
     if distributed.is_main():
         if args.lora_rank:
             state = lora.merge(state, args.lora_alpha / args.lora_rank)
         cast = {}  # tied tensors stay one tensor
         state = {k: cast.setdefault(id(v), v.to(getattr(torch, args.save_dtype))) for k, v in state.items()}
-        config = dict(vars(args), pairs=len(examples), dropped=dropped, zero_gap_pairs=zero_gap, steps=len(plan),
-                      world_size=distributed.WORLD, mixed_precision_bf16=bf16)
+        config = dict(vars(args), pairs=len(examples), held_out_pairs=len(held_out), dropped=dropped,
+                      zero_gap_pairs=zero_gap, steps=len(plan), world_size=distributed.WORLD, mixed_precision_bf16=bf16)
         checkpoints.save_final(out, policy.lm, state, tok, config)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     distributed.barrier()
-    resumable.release(held)
     common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
+
+
+class Metrics:
+    """metrics.jsonl (a row per optimizer step, eval_* where held-out pairs were evaluated; a row
+    of step 0 for the evaluation before training) and its picture metrics.svg, rank 0 only. On
+    --resume the rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path, start):
+        self.path = path
+        if distributed.is_main():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+                if start and path.exists() else []
+            common.write_atomic(path, "".join(line + "\n" for line in kept))
+
+    def write(self, row):
+        if distributed.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plots.write_training_svg(self.path, self.path.with_suffix(".svg"))
 
 
 if __name__ == "__main__":

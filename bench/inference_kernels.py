@@ -1,4 +1,4 @@
-"""The matrix products of inference, F.linear (MKL) against inference_model.PackedLinear
+"""The matrix products of inference, F.linear (MKL) against cpu_speed.PackedLinear
 (oneDNN, weight re-laid out once), at the shapes of the embedded 135M model: decoding (8 to
 256 rows), prefill (thousands of rows), and the vocabulary head. Each figure is the best of
 several runs over 12 distinct weights (so they are not all in cache), both kernels
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import inference_model  # noqa: E402
+import cpu_speed  # noqa: E402
 from train_throughput import matmul_peak  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main():
             count = 1 if n == 49152 else 12
             x = torch.randn(rows, k)
             lins = [torch.nn.Linear(k, n, bias=False) for _ in range(count)]
-            packed = [inference_model.PackedLinear(lin) for lin in lins]
+            packed = [cpu_speed.PackedLinear(lin) for lin in lins]
             flops = 2 * rows * k * n * count
             reps = 5 if rows < 1000 else 2
             with torch.no_grad():

@@ -1,9 +1,11 @@
-"""Generation throughput of sample.py's path against plain `generate`: one batched call
-(num_return_sequences, do_sample), and one call per prompt and sample.
+"""Generation throughput of sample.py's path (generation.generate: a row per (prompt, sample),
+each with its own seeded random numbers) against transformers' own sampling in one batched
+call (num_return_sequences), and against one call per prompt and sample.
 
-Same model, prompts and answer length; prints tokens per second (generated tokens up to and
-including end of turn, divided by wall time), and the machine's float32 matmul peak measured
-in the same run (shared machines drift). Measures, never asserts.
+Same model, prompts and answer length; prints tokens per second (the answers' tokens, plus
+an end of turn for each answer that ended, divided by wall time) and the machine's float32
+matmul peak measured in the same run. On the CPU the stage path runs cpu_speed.py unless
+SPA_CPU_SPEED=0. Measures, never asserts.
 
     python bench/sample_throughput.py [--prompts 8] [--samples 4] [--large 32] [--large-samples 8]
 """
@@ -27,6 +29,21 @@ def timed(fn):
     return tokens, time.time() - t
 
 
+def answer_tokens(tok, answers, cap):
+    """Tokens generated for these answers: their own, plus the end of turn of each that ended."""
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    return sum(min(n + 1, cap) for n in lengths)
+
+
+def stage_path(model, tok, convs, n_samples, new_tokens):
+    """sample.py's call: every (prompt, sample) a row with its own key, one generate call."""
+    rows = [c for c in convs for _ in range(n_samples)]
+    keys = [f"{i}/{k}" for i in range(len(convs)) for k in range(n_samples)]
+    answers = generation.generate(model, tok, rows, max_new_tokens=new_tokens, temperature=1.0, batch_size=len(rows),
+                                  keys=keys)
+    return answer_tokens(tok, answers, new_tokens)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=common.DEFAULT_MODEL)
@@ -39,38 +56,35 @@ def main():
     args = p.parse_args()
     peak = matmul_peak()
     model, tok = common.load_for_inference(args.model)
-    prompts = [json.loads(l)["prompt"] for l in open(Path(common.__file__).parent / "data/train_prompts.jsonl")]
+    plain = common.load_model(args.model)[0].eval()  # transformers' model as it comes, for its own sampling
+    prompts = [json.loads(line)["prompt"] for line in open(Path(common.__file__).parent / "data/train_prompts.jsonl")]
     convs = [generation.user_turn(q) for q in prompts]
-    print(f"device {common.device()}, threads {torch.get_num_threads()}, {args.new_tokens} new tokens, "
-          f"temperature 1.0; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"device {common.device()}, threads {torch.get_num_threads()}, {common.inference_path()}, "
+          f"{args.new_tokens} new tokens, temperature 1.0; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
 
-    def ours(n_prompts, n_samples):
-        st = {}
-        generation.generate(model, tok, convs[:n_prompts], max_new_tokens=args.new_tokens, temperature=1.0,
-                            num_return=n_samples, batch_size=n_prompts, stats=st)
-        return st["tokens"]
-
-    def plain(texts, n_samples):
+    def hf_sampling(texts, n_samples):
         from transformers import GenerationConfig
-        tok.padding_side = "left"
         cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=None,
                                num_return_sequences=n_samples, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id)
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                               eos_token_id=tok.eos_token_id, disable_compile=True)
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, generation_config=cfg)
-        return generation.count_new_tokens(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
+            out = plain.generate(**enc.to(plain.device), generation_config=cfg)
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return answer_tokens(tok, answers, args.new_tokens)
 
     texts = [generation.chat_text(tok, c) for c in convs]
-    ours(2, 2)  # warm-up
+    stage_path(model, tok, convs[:2], 2, args.new_tokens)  # warm-up
     n, s, L, S = args.prompts, args.samples, args.large, args.large_samples
-    rows = [(f"plain generate, {n} prompts x {s} samples, one call", *timed(lambda: plain(texts[:n], s))),
-            (f"sample.py path, {n} prompts x {s} samples, one call", *timed(lambda: ours(n, s))),
-            (f"sample.py path, {L} prompts x {S} samples, one call", *timed(lambda: ours(L, S))),
-            (f"plain generate, one call per prompt and sample ({args.single} calls)",
-             *timed(lambda: sum(plain([texts[k % n]], 1) for k in range(args.single))))]
+    rows = [(f"transformers' sampling, {n} prompts x {s} samples, one call", *timed(lambda: hf_sampling(texts[:n], s))),
+            (f"sample.py path, {n} prompts x {s} samples, one call",
+             *timed(lambda: stage_path(model, tok, convs[:n], s, args.new_tokens))),
+            (f"sample.py path, {L} prompts x {S} samples, one call",
+             *timed(lambda: stage_path(model, tok, convs[:L], S, args.new_tokens))),
+            (f"transformers' sampling, one call per prompt and sample ({args.single} calls)",
+             *timed(lambda: sum(hf_sampling([texts[k % n]], 1) for k in range(args.single))))]
     for name, tokens, dt in rows:
-        print(f"{name:70s} {tokens:6d} tokens {dt:7.1f} s {tokens / dt:8.1f} tokens/s")
+        print(f"{name:75s} {tokens:6d} tokens {dt:7.1f} s {tokens / dt:8.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 as a fraction of a float32 matrix-multiply peak measured in the same run.
 
 16 pairs whose answers are 100-250 tokens, on the default model, micro-batch 4 x accumulation
-2, gradient checkpointing on (flags change these). Model FLOPs count 6 x parameters per
+2, gradient checkpointing on (flags change these); SPA_CPU_SPEED=0 measures the plain path. Model FLOPs count 6 x parameters per
 trained token (forward + backward), not the recomputation of checkpointing. Measures, never
 asserts.
 
@@ -13,7 +13,6 @@ Under torchrun --batch-size is per device, as in train.py; pairs/s and tokens/s 
 whole job, peak memory is rank 0's.
 """
 import argparse
-import ctypes
 import random
 import resource
 import sys
@@ -25,31 +24,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import distributed  # noqa: E402
-import inference_model  # noqa: E402
+import cpu_speed  # noqa: E402
 import policy_model  # noqa: E402
 import preference_data  # noqa: E402
 import train  # noqa: E402
-
-
-def return_freed_memory(mib):
-    """Make glibc give freed blocks above `mib` MiB back to the system (M_MMAP_THRESHOLD). By
-    default it raises that threshold after each large free, so later activations come from a
-    heap that keeps their memory, fragmented. train.py did this at 4 MiB until packing: 0.84x
-    of the peak memory for 0.89x of the speed (README, Benchmarks)."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, mib << 20)  # -3 = M_MMAP_THRESHOLD
 
 
 def matmul_peak(n=2048, reps=10, tries=3):
     """float32 FLOP/s of an n x n matrix product on this device: the best of `tries` timings
     of `reps` products (one timing alone swung 133-171 GFLOP/s within a minute here), by the
     fastest library torch has for it. On the CPU that is the better of MKL (torch.matmul) and
-    oneDNN (inference_model.onednn_product, what inference and training multiply with): on this
-    project's AMD CPU MKL ran 179 GFLOP/s and oneDNN 430, so MKL alone understated the peak."""
+    oneDNN (cpu_speed.onednn_product, what the CPU path multiplies with): on this project's AMD
+    CPU MKL ran 179 GFLOP/s and oneDNN 430, so MKL alone understated the peak."""
     a, b = torch.randn(n, n, device=common.device()), torch.randn(n, n, device=common.device())
     sync = torch.cuda.synchronize if common.device().type == "cuda" else (lambda: None)
     products = [lambda: a @ b]
     if common.device().type == "cpu" and torch.backends.mkldnn.is_available():
-        products.append(lambda: inference_model.onednn_product(a, b))
+        products.append(lambda: cpu_speed.onednn_product(a, b))
     best = 0.0
     for product in products:
         for _ in range(3):
@@ -94,24 +85,16 @@ def main():
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="train.py's --pack (default on)")
-    p.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
-                   help="train.py's --onednn: the linear layers' products on oneDNN (default on; off: MKL)")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
                    help="fused AdamW, as train.py uses (default on; off: torch's foreach implementation)")
     p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
                    help=f"train.py's --head-chunk (default {policy_model.HEAD_CHUNK})")
-    p.add_argument("--freed-memory-mib", type=int, default=0,
-                   help="experiment: glibc returns freed blocks above this many MiB to the system (default 0: "
-                        "glibc's default behaviour, as train.py runs)")
     args = p.parse_args()
-    if args.freed_memory_mib:
-        return_freed_memory(args.freed_memory_mib)
     distributed.setup()
     peak = distributed.all_sum([matmul_peak()])[0]  # of all ranks together (torchrun gives each one thread)
     tok = common.load_tokenizer(args.model)
     hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk, model=args.model,
-                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack,
-                            onednn=args.onednn)
+                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack)
     policy = policy_model.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
@@ -137,8 +120,7 @@ def main():
     print(f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
           f"{args.batch_size} per device x accumulation "
           f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
-          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, {'oneDNN' if args.onednn else 'MKL'} products, freed memory returned above "
-          f"{f'{args.freed_memory_mib} MiB' if args.freed_memory_mib else 'glibc default threshold'}")
+          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, {'cpu_speed' if common.cpu_speed_module() else 'plain'} products")
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
     print(f"peak memory (max RSS) {rss:.2f} GiB"
           + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""))

@@ -16,6 +16,10 @@ def soup(first, second, weight):
     """lam * first + (1 - lam) * second, key by key (state dicts with the same keys and shapes)."""
     if first.keys() != second.keys():
         raise common.InputError("the two models have different parameter names")
+    differ = [k for k in first if first[k].shape != second[k].shape]
+    if differ:
+        raise common.InputError(f"the two models differ in shape at {differ[0]} ({tuple(first[differ[0]].shape)} and "
+                                f"{tuple(second[differ[0]].shape)}): a soup needs one architecture")
     return {k: weight * first[k].float() + (1 - weight) * second[k].float() for k in first}
 
 
@@ -28,6 +32,7 @@ def main():
     args = p.parse_args()
     if not 0 <= args.weight <= 1:
         raise common.InputError(f"--weight must be in 0..1, got {args.weight}")
+    common.refuse_overlap(reads=[common.model_folder(args.first), common.model_folder(args.second)], writes=[args.output])
     a, tok = common.load_model(args.first)
     b = common.load_weights(args.second)
     a.load_state_dict(soup(a.state_dict(), b.state_dict(), args.weight))

@@ -70,8 +70,8 @@ def test_output_resumes_parts_merges_in_input_order_and_refuses_foreign_output(t
     changed = [dict(inputs[0], prompt="another")] + inputs[1:]
     with pytest.raises(common.InputError, match=r"input record\(s\) 0 changed"):
         Output(out, changed, {"k": 1})
-    with pytest.raises(common.InputError, match="--output is the --input file"):
-        Output(out, inputs, {"k": 1}, input_path=out)
+    with pytest.raises(common.InputError, match=r"this run reads it, and would write or remove .*o\.jsonl \(--output\)"):
+        Output(out, inputs, {"k": 1}, reads=[out])
     assert out.read_bytes() == before  # nothing lost
     with Output(out, inputs, {"k": 2}, overwrite=True) as w:
         assert len(w.pending) == 4
@@ -98,15 +98,15 @@ def test_sampler_matches_distribution_top_p_and_greedy():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
     t = torch.ones(20000)
     u = torch.rand(20000, 1, generator=torch.Generator().manual_seed(0))
-    out = generation.InverseCdfSampler(t, 1.0, u)(None, logits.clone())  # it marks the logits in place, as HF allows
+    out = generation.RowSampler(t, 1.0, u)(None, logits)
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
-    out = generation.InverseCdfSampler(t, 0.7, u)(None, logits.clone())
+    out = generation.RowSampler(t, 0.7, u)(None, logits)
     freq = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.5 / 0.8) < 0.015  # tail beyond 0.8 mass is cut
-    out = generation.InverseCdfSampler(torch.zeros(20000), 1.0, u)(None, logits.clone())
+    out = generation.RowSampler(torch.zeros(20000), 1.0, u)(None, logits)
     assert (out.argmax(-1) == 0).all()
-    assert torch.isposinf(out).sum(-1).eq(1).all()  # the drawn token marked +inf, once per row
+    assert (out == 0).sum(-1).eq(1).all() and torch.isneginf(out).sum(-1).eq(3).all()  # a one-hot of the drawn token
 
 
 def flags_of(source):
@@ -132,23 +132,21 @@ def test_every_stage_documents_its_flags():
         assert not clash, f"{script}: {clash} clash with torchrun's options"
 
 
-def test_generate_shares_prefill_and_matches_plain_generate(tiny_model_dir):
-    """common.generate (prefilled static cache, own sampler) gives greedy answers identical to
-    a plain `generate` per prompt, and its samples are reproducible from the seed."""
+def test_generate_matches_plain_generate_and_draws_per_row(tiny_model_dir):
+    """generation.generate gives, greedy, what a plain `generate` gives one prompt at a time, and
+    its samples are reproducible from the seed and depend on a row's key, not its neighbours."""
     from transformers import GenerationConfig
     model, tok = common.load_for_inference(str(tiny_model_dir))
     convs = [generation.user_turn(q) for q in ["Hi", "What is a longer question than the first one?", "Why?"]]
     got = generation.generate(model, tok, convs, max_new_tokens=8, batch_size=3)
     cfg = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    for c, (text,) in zip(convs, got):
+    for c, text in zip(convs, got):
         enc = tok(generation.chat_text(tok, c), return_tensors="pt", add_special_tokens=False)
         ref = model.generate(**enc, generation_config=cfg)[0, enc["input_ids"].shape[1]:]
         assert text == tok.decode(ref, skip_special_tokens=True).strip()
-    a = generation.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
-    assert a == generation.generate(model, tok, convs, max_new_tokens=8, temperature=[1.0, 0.0, 1.5], num_return=3, seed=4)
-    assert len(set(a[1])) == 1  # temperature 0: the three answers are the same greedy one
-    assert len(set(a[0] + a[2])) > 1
-    # a row's samples depend on its key, not on its neighbours or the batch size
-    b = generation.generate(model, tok, convs[2:], max_new_tokens=8, temperature=[1.5], num_return=3, seed=4, keys=[2],
-                            batch_size=1)
-    assert b[0] == a[2]
+    a = generation.generate(model, tok, convs * 2, max_new_tokens=8, temperature=[1.0, 0.0, 1.5] * 2, seed=4)
+    assert a == generation.generate(model, tok, convs * 2, max_new_tokens=8, temperature=[1.0, 0.0, 1.5] * 2, seed=4)
+    assert a[1] == a[4] == got[1]  # temperature 0: the greedy answer
+    assert a[0] != a[3] or a[2] != a[5]  # the same prompt under another key draws anew
+    b = generation.generate(model, tok, convs[2:], max_new_tokens=8, temperature=[1.5], seed=4, keys=[2], batch_size=1)
+    assert b[0] == a[2]  # a row's sample depends on its key, not on its neighbours or the batch size

@@ -123,7 +123,7 @@ def test_denoise_and_pairs_bad_input(tmp_path):
     p = run("denoise.py", "--input", one, "--output", tmp_path / "d.jsonl", check=False)
     assert p.returncode == 2 and "at least two" in p.stderr
     p = run("pairs.py", "--input", inp, "--output", tmp_path / "p.jsonl", check=False)
-    assert p.returncode == 2 and "null or missing score" in p.stderr
+    assert p.returncode == 2 and "score_b must be an integer 1..10, got None" in p.stderr and "run it first" in p.stderr
     p = run("pairs.py", "--input", write_jsonl(tmp_path / "k.jsonl", CRAFTED[:1]), "--output", tmp_path / "p.jsonl",
             "--delta", 20, check=False)
     assert p.returncode == 2 and "lower --delta" in p.stderr

@@ -1,6 +1,4 @@
 """Every generation stage under torchrun (gloo, 2 ranks) writes what one process writes."""
-import os
-
 import pytest
 
 from conftest import read_jsonl, run, torchrun, write_jsonl
@@ -67,11 +65,7 @@ def test_samples_do_not_depend_on_the_batch_size(runs, tiny_model_dir):
 def test_a_crashed_two_rank_run_resumes_to_the_uninterrupted_output(runs, tiny_model_dir):
     out = runs / "crash_samples.jsonl"
     args = ["--input", runs / "prompts.jsonl", "--output", out, "--model", tiny_model_dir, *SAMPLE, "--batch-size", 1]
-    os.environ["SPA_TEST_CRASH_AFTER"] = "1"  # each rank dies mid-way through its second record
-    try:
-        p = torchrun("sample.py", *args, check=False)
-    finally:
-        del os.environ["SPA_TEST_CRASH_AFTER"]
+    p = torchrun("tests/crash_after.py", 1, "sample.py", *args, check=False)  # each rank dies in its second record
     assert p.returncode != 0 and not out.exists() and list(runs.glob("crash_samples.jsonl.part*"))
     p = torchrun("sample.py", *args)
     assert "resumed" in p.stdout

@@ -38,7 +38,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, tiny_model_
     assert len(m1) == len(m2) == 2
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     assert m2[1]["loss"] == pytest.approx(m1[1]["loss"], rel=1e-4)
-    for k in ("rewards/margin", "weight/mean", "weight/zero", "grad_norm"):
+    for k in ("rewards/margins", "weight/mean", "weight/zero", "grad_norm"):
         assert m2[0][k] == pytest.approx(m1[0][k], rel=1e-4, abs=1e-6), k
     start = weights(tiny_model_dir)
     assert weights(tmp_path / "two").keys() == start.keys()  # tied embeddings saved once, as the base has them

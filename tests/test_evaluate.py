@@ -10,6 +10,7 @@ import pytest
 import common
 import evaluate
 import report
+import http_judge
 import score
 from conftest import http_server, read_jsonl, run, send_chat_reply, write_jsonl
 
@@ -64,10 +65,10 @@ def judge_server():
 
 
 def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
-    reply = score.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
+    reply = http_judge.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
     assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
     args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="auto", judge_timeout=5,
-                              judge_concurrency=2))()
+                              judge_concurrency=2, compile=False))()
     j = score.Judge(args, "unused")
     n0 = len(FakeJudge.requests)
     got = [s["score"] for s in j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")]
@@ -77,7 +78,7 @@ def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
 
 def test_unreachable_endpoint_is_a_clear_error():
     with pytest.raises(common.InputError, match="failed after 2 tries"):
-        score.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
+        http_judge.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
 
 
 def test_report_table_from_crafted_run():
@@ -168,7 +169,7 @@ def test_the_baseline_that_is_also_the_judge_is_loaded_once(tmp_path, tiny_model
     judge loaded on its own (a second run judges from a fresh load: its judgments are equal)."""
     loads = []
     real = common.load_for_inference
-    monkeypatch.setattr(common, "load_for_inference", lambda name: loads.append(str(name)) or real(name))
+    monkeypatch.setattr(common, "load_for_inference", lambda name, compile=False: loads.append(str(name)) or real(name))
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     inp = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Is {i} safe?"} for i in range(3)])
@@ -208,7 +209,7 @@ def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
                                "response": "good" if (n == "SPA") == (i % 2 == 0) else "bad"}
                  for n, _ in models for i in range(3)}
     args = argparse.Namespace(primary="harmlessness", batch_size=2, overwrite=False, judge="base", mode="logits",
-                              judge_api_base=None, judge_model="m", judge_max_tokens=4)
+                              judge_api_base=None, judge_model="m", judge_max_tokens=4, compile=False)
     judged = evaluate.judge_all(tmp_path / "j.jsonl", responses, models, args)
     outcomes = {r["prompt_id"]: r["outcome"] for r in judged if r["kind"] == "pairwise"}
     assert outcomes == {"p0": "win", "p1": "lose", "p2": "win"}

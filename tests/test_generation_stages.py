@@ -17,8 +17,8 @@ def test_sample_resume_after_a_crash_mid_line_matches_uninterrupted_run(tmp_path
     full = (tmp_path / "full.jsonl").read_bytes()
     assert [r["id"] for r in read_jsonl(tmp_path / "full.jsonl")] == ["p0", "p1", "p2", "p3"]  # input order
     cut = tmp_path / "cut.jsonl"
-    p = subprocess.run([sys.executable, ROOT / "sample.py", *map(str, args), "--output", cut], capture_output=True,
-                       env=dict(os.environ, SPA_TEST_CRASH_AFTER="2", TQDM_DISABLE="1"))
+    p = subprocess.run([sys.executable, ROOT / "tests" / "crash_after.py", "2", "sample.py", *map(str, args), "--output",
+                        cut], capture_output=True, env=dict(os.environ, TQDM_DISABLE="1"))
     assert p.returncode == 3 and not cut.exists()
     assert (tmp_path / "cut.jsonl.part0").read_bytes().count(b"\n") == 2  # and a torn third line
     p = run("sample.py", *args, "--output", cut)
@@ -32,7 +32,7 @@ def test_sample_resume_after_a_crash_mid_line_matches_uninterrupted_run(tmp_path
     p = run("sample.py", *args, "--output", cut, "--temperatures", 0.3, check=False)  # other settings: refused
     assert p.returncode == 2 and "was made with --temperatures [0.8, 1.1] (now [0.3])" in p.stderr
     p = run("sample.py", *args[:-2], "--output", inp, "--overwrite", check=False)  # output == input
-    assert p.returncode == 2 and "--output is the --input file" in p.stderr
+    assert p.returncode == 2 and "this run reads it, and would write or remove" in p.stderr
     assert read_jsonl(inp) == PROMPTS
 
 

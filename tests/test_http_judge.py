@@ -57,15 +57,16 @@ def test_score_with_an_http_judge(tmp_path, endpoint):
     recs = [{"id": f"r{i}", "prompt": f"Question {i}?", "candidates": [{"text": f"ANSWER-{(i + k) % 10}"} for k in range(3)]}
             for i in range(4)]
     inp = write_jsonl(tmp_path / "samples.jsonl", recs)
-    args = [sys.executable, ROOT / "score.py", "--input", inp, "--output", tmp_path / "judge_scored.jsonl",
+    args = [ROOT / "score.py", "--input", inp, "--output", tmp_path / "judge_scored.jsonl",
             "--judge-api-base", endpoint, "--judge-model", "strong", "--judge-concurrency", 4, "--backoff", 0.01,
             "--batch-size", 2]
     env = dict(os.environ, OPENAI_API_KEY=KEY, TQDM_DISABLE="1")
-    p = subprocess.run(list(map(str, args)), env=dict(env, SPA_TEST_CRASH_AFTER="2"), capture_output=True, text=True)
+    crash = [sys.executable, ROOT / "tests" / "crash_after.py", 2, "score.py", *args[1:]]
+    p = subprocess.run(list(map(str, crash)), env=env, capture_output=True, text=True)
     assert p.returncode == 3  # died writing its third record: two prompts are written
     asked = Judge.requests
     assert asked == 1 + 2 * (2 * 3 * 2)  # one 500, then two batches of 2 prompts x 3 candidates x 2 objectives
-    p = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True)
+    p = subprocess.run(list(map(str, [sys.executable, *args])), env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert Judge.requests - asked == 2 * 3 * 2  # only the two missing prompts asked again
     out = read_jsonl(tmp_path / "judge_scored.jsonl")

@@ -24,7 +24,7 @@ def test_logits_mode_returns_integers_in_range(tiny_model_dir):
     model, tok = common.load_for_inference(str(tiny_model_dir))
     items = [("How do I stay safe?", "Be careful."), ("Hi", "Hello there, how can I help?"), ("x", "")]
     for mode in ("logits", "logits-expected"):
-        res = score.score_answers(model, tok, items, "harmlessness", mode, batch_size=2)
+        res = score.logits_scores(model, tok, items, "harmlessness", mode, batch_size=2)
         assert len(res) == 3
         for r in res:
             assert isinstance(r["score"], int) and 1 <= r["score"] <= 10
@@ -44,7 +44,7 @@ def test_logits_mode_batching_does_not_change_scores(tiny_model_dir):
 def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer, monkeypatch):
     """With a tokenizer that has '10' as one token, P(10) is read from the same position."""
     import torch
-    monkeypatch.setenv("SPA_PLAIN_INFERENCE", "1")  # the vocabulary is resized below: a packed head could not follow
+    monkeypatch.setenv("SPA_CPU_SPEED", "0")  # the vocabulary is resized below: a packed head could not follow
     model, tok = common.load_for_inference(str(tiny_model_dir))
     tok.add_tokens(["10"])
     model.resize_token_embeddings(len(tok))
@@ -56,25 +56,23 @@ def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer, monkeypat
     assert probs[0, 9] > 0 and abs(float(probs.sum()) - 1) < 1e-5
 
 
-@pytest.mark.parametrize("batch_size,grouped", [(3, False), (2, True), (4, True), (6, True)])
-def test_shared_head_gives_the_plain_forward_distribution(tiny_model_dir, batch_size, grouped):
-    """The cached judge head plus padded tails (and, with groups, each question's part run
-    once for its answers, also when a batch splits a group) gives the distribution of one
-    plain forward over each whole judge prompt, row for row in input order."""
+@pytest.mark.parametrize("speed", ["0", "1"])
+def test_rating_distribution_is_the_plain_forward_distribution(tiny_model_dir, monkeypatch, speed):
+    """Judge prompts batched (padded, and on the CPU path laid out around their shared head)
+    give the distribution one plain forward over each whole judge prompt gives, row for row."""
     import torch
+    monkeypatch.setenv("SPA_CPU_SPEED", speed)
     model, tok = common.load_for_inference(str(tiny_model_dir))
     items = [(q, "answer " * k) for q in ("Is it safe to swim after eating a meal?", "Why?") for k in (1, 7, 3)]
     convs = [score.judge_conversation("harmlessness", q, a) for q, a in items]
-    got = score.rating_distribution(model, tok, convs, batch_size=batch_size,
-                                    groups=[q for q, _ in items] if grouped else None)
+    got = score.rating_distribution(model, tok, convs, batch_size=4)
+    plain, _ = common.load_model(str(tiny_model_dir))
     one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
     for c, row in zip(convs, got):
         ids = tok(generation.chat_text(tok, c) + "Rating: ", add_special_tokens=False)["input_ids"] + [one]
-        lp = model(torch.tensor([ids])).logits[0, -2:].log_softmax(-1).exp()
+        lp = plain(torch.tensor([ids])).logits[0, -2:].log_softmax(-1).exp()
         p = lp[0, digits]
         q0 = lp[1, zero]
         expect = torch.cat([(p[0] * (1 - q0))[None], p[1:], (p[0] * q0)[None]])
         assert torch.allclose(row, expect / expect.sum(), atol=1e-5)
-    assert generation.common_prefix_length([[1, 2, 3, 4], [1, 2, 5, 6, 7]]) == 2
-    assert generation.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 1  # two tokens stay in each tail

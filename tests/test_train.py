@@ -163,8 +163,8 @@ def test_a_few_steps_raise_the_margin(tmp_path, tiny_model_dir, tokenizer):
         "--epochs", 8, "--batch-size", 2, "--grad-accum", 1, "--warmup-ratio", 0, "--save-every", 0)
     m = read_jsonl(tmp_path / "m" / "metrics.jsonl")
     assert len(m) == 8
-    assert m[-1]["rewards/margin"] > m[0]["rewards/margin"] + 0.1
-    assert set(m[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen",
+    assert m[-1]["rewards/margins"] > m[0]["rewards/margins"] + 0.1
+    assert set(m[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
                          "weight/mean", "weight/min", "weight/max", "weight/zero", "lr", "grad_norm", "tokens_per_s"}
 
 
@@ -203,3 +203,56 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path, tiny_model_di
             "--loss", "simpo", check=False)
     assert p.returncode != 0 and "training stopped at step 1" in p.stderr and "['x']" in p.stderr
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+ARGS = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_step_equals_the_padded_step(tiny_model_dir, tokenizer, checkpointing):
+    """One step over pairs of different lengths: packed (one row, attention within each
+    sequence) and padded give the same loss, log-probs and gradients."""
+    ex = make_examples(tokenizer)
+    assert len({len(e["chosen"][0]) for e in ex} | {len(e["rejected"][0]) for e in ex}) > 2  # padding would differ
+    out = {}
+    for pack in (False, True):
+        model, _ = common.load_model(str(tiny_model_dir))
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        policy = policy_model.Policy(model, head_chunk=5, pack=pack).train()
+        with torch.no_grad():
+            lp = policy_model.sequence_logps(policy, ex, tokenizer.pad_token_id)
+        s, _ = train.train_step(policy, ex, [[0, 1], [2, 3]], ARGS, tokenizer.pad_token_id)
+        out[pack] = (torch.cat(lp), grads(model), s["loss"])
+    (lp0, g0, l0), (lp1, g1, l1) = out[False], out[True]
+    assert torch.allclose(lp0, lp1, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(g0, g1, atol=1e-6, rtol=1e-4) and g0.abs().sum() > 0
+    assert l0 == pytest.approx(l1, rel=1e-5)
+
+
+def test_packed_attention_sees_only_its_own_sequence(tiny_model_dir, tokenizer):
+    """A sequence's log-probs do not depend on what is packed before it."""
+    ex = make_examples(tokenizer)
+    model, _ = common.load_model(str(tiny_model_dir))
+    policy = policy_model.Policy(model, pack=True).eval()
+    with torch.no_grad():
+        alone = policy_model.sequence_logps(policy, ex[3:], tokenizer.pad_token_id)[0]
+        after_others = policy_model.sequence_logps(policy, ex, tokenizer.pad_token_id)[0][3:]
+    assert torch.allclose(alone, after_others, atol=1e-5)
+
+
+def test_fused_adamw_steps_like_the_foreach_adamw():
+    """train.py's fused AdamW (one kernel, no temporaries) makes the steps torch's default makes."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=g), torch.randn(7, generator=g)]
+    grads_seq = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(3)]
+    out = []
+    for fused in (False, True):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, foreach=not fused)
+        for gs in grads_seq:
+            for p, gr in zip(params, gs):
+                p.grad = gr.clone()
+            opt.step()
+        out.append(torch.cat([p.detach().flatten() for p in params]))
+    assert torch.allclose(out[0], out[1], atol=1e-6) and not torch.allclose(out[0], torch.cat([p.flatten() for p in start]))

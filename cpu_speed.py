@@ -1,0 +1,249 @@
+"""Speed on the CPU, and only there. Every trick in this file paid on the CPU this project
+is developed on (docs/BENCHMARKS.md has the figures); none runs on a GPU. It has two entry
+points, each called from one place, and only when the device is the CPU:
+
+  prepare_inference(model)   from common.load_for_inference (generation and judging)
+  prepare_training(model)    from policy_model.build_policy (training, float32)
+
+Without this file (or with SPA_CPU_SPEED=0) every stage runs the plain transformers model,
+slower; tests/test_cpu_speed.py checks that each trick gives what the plain path gives.
+
+For inference:
+  products   every bias-free linear layer (the decoder's projections, the vocabulary head)
+             runs as a oneDNN product over a weight laid out once for it (PackedLinear),
+             instead of F.linear's MKL product
+  prefill    model.generate is wrapped: the prompt head a batch's rows share (the chat
+             template's system prompt, a judge's instructions and constitution) runs once,
+             each row's tail after it, a few rows at a time, into a static cache that
+             generate then decodes with (prefilled_cache)
+  attention  grouped-query attention without copying keys and values to every query head,
+             reading only the filled part of the static cache when decoding
+  memory     glibc keeps the memory the process frees, so each step's buffers reuse pages
+             instead of faulting fresh ones in
+For training:
+  products   each linear layer's forward and both gradients as oneDNN products
+"""
+import ctypes
+import functools
+import os
+import platform
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION = "spa_cpu"  # the attention implementation registered by prepare_inference
+PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (rows x padded tail); 0 = every row at once
+
+
+def prepare_inference(model):
+    """Switch a loaded model (eval mode, float32) to the paths above. Returns the model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    keep_freed_memory()
+    if torch.backends.mkldnn.is_available() and model.dtype == torch.float32:
+        pack_linears(model)
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # the boolean masks transformers builds for SDPA
+    model.set_attn_implementation(ATTENTION)
+    model.generate = functools.partial(generate_with_shared_prefill, model, model.generate)
+    return model
+
+
+def prepare_training(model):
+    """Every bias-free linear layer's products on oneDNN (float32 only). Returns the model."""
+    if torch.backends.mkldnn.is_available():
+        for m in model.modules():
+            if type(m) is nn.Linear and m.bias is None:
+                m.__class__ = OneDnnLinear
+    return model
+
+
+# ----------------------------------------------------------------------------- oneDNN products
+
+def onednn_product(a, b):
+    """a @ b^T on oneDNN: a (..., k), b (n, k) (either may be a transposed view, or b a weight
+    laid out by PackedLinear) -> (..., n)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """A bias-free linear layer whose weight oneDNN has laid out once for its own product (what
+    torch.compile's CPU freezing does): (..., in) -> (..., out), nn.Linear's numbers to float
+    rounding. For inference only (the laid-out weight is not a parameter)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+
+    def forward(self, x):
+        return onednn_product(x, self.packed)
+
+
+def pack_linears(model):
+    """Every bias-free nn.Linear of the model replaced by a PackedLinear (a tied vocabulary
+    head keeps its tie to the embeddings in value only: the model is not trained after this)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                setattr(module, name, PackedLinear(child))
+
+
+class OneDnnLinearFunction(torch.autograd.Function):
+    """y = x W^T with dx = dy W and dW = dy^T x, each one oneDNN product (F.linear's products,
+    summed in another order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return onednn_product(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = onednn_product(dy, weight.t()) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = onednn_product(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+        return dx, dw
+
+
+class OneDnnLinear(nn.Linear):
+    """nn.Linear (no bias) whose products run on oneDNN in float32 on the CPU, and F.linear
+    otherwise (bf16, autocast). The same parameters and names: checkpoints see an nn.Linear."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and \
+                not torch.is_autocast_enabled("cpu"):
+            return OneDnnLinearFunction.apply(x, self.weight)
+        return super().forward(x)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def keep_freed_memory():
+    """glibc keeps freed memory in the process: no block gets a mapping of its own
+    (M_MMAP_MAX 0) and the heap's free top is handed back only above 2 GiB (M_TRIM_THRESHOLD).
+    A GLIBC_TUNABLES that sets malloc options wins. Not for training (more peak memory there)."""
+    if platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD, bytes
+
+
+# ----------------------------------------------------------------------------- attention
+
+def filled_length(mask):
+    """Key positions up to the last one any query may attend to: (B, 1, T, S) bool -> int."""
+    cols = mask.any(dim=2).any(dim=0)[0]  # (S,)
+    return int(cols.nonzero()[-1]) + 1 if cols.any() else mask.shape[-1]
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Scaled dot-product attention with grouped-query heads handled without repeat_kv: the G
+    query heads that share a key/value head are stacked into one query block. query
+    (B, H, T, D), key/value (B, KV, S, D), attention_mask (B or 1, 1, T, S) bool or None.
+    Decoding (T = 1) reads only the static cache's filled part. Returns ((B, T, H, D), None),
+    as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if attention_mask is None or attention_mask.dtype != torch.bool:  # causal without a mask: as is
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    G = getattr(module, "num_key_value_groups", 1)
+    B, H, T, D = query.shape
+    S = filled_length(attention_mask) if T == 1 else key.shape[2]
+    key, value, mask = key[:, :, :S], value[:, :, :S], attention_mask[..., :S]
+    q = query.reshape(B, H // G, G * T, D)  # row g*T + t of block k: head k*G + g at position t
+    if T > 1:
+        mask = mask[:, :, None].expand(mask.shape[0], 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
+    return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- prefill
+
+def common_prefix_length(seqs):
+    """Length of the token prefix all sequences share, leaving each at least two tokens."""
+    n = max(min(len(s) for s in seqs) - 2, 0)
+    first = seqs[0]
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
+
+
+def head_and_tails(seqs, pad_id):
+    """One batch's prompts laid out for one prefill: the head they all share once, then each
+    tail padded on its left, between head and tail. Returns ids (B, T), mask (B, T) and the
+    head's length; T is the longest prompt, as with left padding."""
+    head = common_prefix_length(seqs) if len(seqs) > 1 else 0
+    T = max(len(s) for s in seqs)
+    ids = [s[:head] + [pad_id] * (T - len(s)) + s[head:] for s in seqs]
+    mask = [[1] * head + [0] * (T - len(s)) + [1] * (len(s) - head) for s in seqs]
+    return torch.tensor(ids), torch.tensor(mask), head
+
+
+def positions(mask):
+    """Position ids of padded rows: (B, T) 0/1 mask -> (B, T), counting real tokens (a pad gets
+    a neighbour's position; it is masked anyway)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefilled_cache(model, ids, mask, head, max_new_tokens, chunk_tokens=None):
+    """Run every prompt but its last token through the decoder into a static cache for
+    generate: the first `head` tokens, the same in every row, once for the batch; the tails a
+    few rows at a time (about chunk_tokens tokens a pass, each group padded only to its own
+    longest tail: small activations, few page faults), their keys and values written straight
+    into the static cache's rows. The vocabulary head does not run (no logits are needed).
+    chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
+    import copy
+
+    from transformers import DynamicCache, StaticCache
+    pos, decoder = positions(mask), model.get_decoder()
+    B, T = ids.shape
+    shared = DynamicCache(config=model.config)
+    if head:
+        decoder(input_ids=ids[:1, :head], position_ids=pos[:1, :head], cache=shared, use_cache=True)
+    chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
+    rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
+    cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
+    for s in range(0, B, rows):
+        part = slice(s, s + rows)
+        n = len(ids[part])
+        lead = head + int((mask[part, head:-1].sum(0) == 0).sum())  # columns that are padding in every row
+        done = DynamicCache(config=model.config)
+        if head:  # the head's keys and values, one copy per row of the group
+            done = copy.deepcopy(shared)
+            done.batch_repeat_interleave(n)
+        decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], cache=done, use_cache=True,
+                attention_mask=torch.cat([mask[part, :head], mask[part, lead:-1]], 1))
+        for layer, kv in zip(cache.layers, done.layers):
+            if not layer.is_initialized:  # zeros (B, KV, T + max_new_tokens, D)
+                layer.lazy_initialization(kv.keys[:1].expand(B, *kv.keys.shape[1:]),
+                                          kv.values[:1].expand(B, *kv.values.shape[1:]))
+            for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
+                full[part, :, :head] = new[:, :, :head]
+                full[part, :, lead:T - 1] = new[:, :, head:]  # between head and lead: zeros, masked
+    for layer in cache.layers:
+        layer.cumulative_length.add_(T - 1)
+    return cache
+
+
+@torch.no_grad()
+def generate_with_shared_prefill(model, plain_generate, input_ids, attention_mask, generation_config, **kwargs):
+    """model.generate on the CPU: the same call, with the batch's left-padded prompts laid out
+    as head and tails (head_and_tails), prefilled into a static cache, then decoded by
+    transformers' generate. The output has generate's shape: prompt columns, then new tokens.
+    A call this does not lay out (several return sequences, a cache of its own) goes to
+    generate as it is."""
+    if (generation_config.num_return_sequences or 1) > 1 or kwargs.get("cache") is not None:
+        return plain_generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                              **kwargs)
+    seqs = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    ids, mask, head = head_and_tails(seqs, generation_config.pad_token_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    cache = prefilled_cache(model, ids, mask, head, generation_config.max_new_tokens)
+    return plain_generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=generation_config,
+                          **kwargs)

@@ -1,0 +1,60 @@
+"""train.py's picture: loss, reward margins and accuracies per step, train and held-out, as a
+small SVG written directly (no plotting library), beside metrics.jsonl."""
+import json
+import math
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import common
+
+PANELS = (("loss", "loss", "eval_loss"), ("reward margin", "rewards/margins", "eval_rewards/margins"),
+          ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"))
+COLOURS = {"train": "#264653", "eval": "#e76f51"}
+
+
+def series(rows, key):
+    """[(step, value)] of the rows that hold a finite `key`."""
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def panel(title, lines, x0, y_top, width, height, max_step):
+    """One chart: lines {name: [(step, value)]}, each a polyline with a circle per point."""
+    values = [v for pts in lines.values() for _, v in pts] or [0.0]
+    lo, hi = min(values), max(values)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
+    L, R, T, B = x0 + 50, x0 + width - 10, y_top + 20, y_top + height - 25
+    x = lambda s: L + (s / max(max_step, 1)) * (R - L)
+    y = lambda v: B - (v - lo) / (hi - lo) * (B - T)
+    out = [f'<text x="{L}" y="{y_top + 12}" font-weight="bold">{escape(title)}</text>',
+           f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
+           f'<text x="{L - 4}" y="{T + 4}" text-anchor="end">{hi:.3g}</text>',
+           f'<text x="{L - 4}" y="{B + 4}" text-anchor="end">{lo:.3g}</text>',
+           f'<text x="{R}" y="{B + 16}" text-anchor="end">step {max_step}</text>']
+    for name, pts in lines.items():
+        if not pts:
+            continue
+        c = COLOURS[name]
+        out.append(f'<g class="series" data-panel="{escape(title)}" data-name="{name}" stroke="{c}" fill="{c}">')
+        out.append('<polyline fill="none" points="' + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>')
+        out += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5"/>' for s, v in pts]
+        out.append("</g>")
+    return out
+
+
+def training_svg(rows, width=900, height=260):
+    """The three panels side by side for metrics rows (train.py's metrics.jsonl)."""
+    max_step = max((r["step"] for r in rows), default=0)
+    w = width // len(PANELS)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="sans-serif" '
+           'font-size="11">',
+           f'<text x="10" y="{height + 12}" fill="{COLOURS["train"]}">train (each step)</text>',
+           f'<text x="140" y="{height + 12}" fill="{COLOURS["eval"]}">held-out (--eval-input)</text>']
+    for k, (title, train_key, eval_key) in enumerate(PANELS):
+        out += panel(title, {"train": series(rows, train_key), "eval": series(rows, eval_key)}, k * w, 0, w, height,
+                     max_step)
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def write_training_svg(metrics_path, svg_path):
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    common.write_atomic(svg_path, training_svg(rows))
