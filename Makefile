@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 RUN     ?= runs/demo
 ITER    ?= 1
 
-.PHONY: test demo ablations oracle bench clean-runs
+.PHONY: test demo ablations oracle study bench clean-runs
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -26,6 +26,9 @@ ablations: $(STAMP)
 
 oracle: $(STAMP)
 	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
+
+study: $(STAMP)   # about 2 hours on 2 cores; rerun after a kill to resume
+	RUN=runs/study PY=$(PY) bash oracle/study.sh
 
 bench: $(STAMP)   # TRL_PYTHON=/path/to/python-with-trl DEMO_BASE=<git rev> add issue 15's train and demo ratios
 	$(PY) bench/sample_throughput.py

@@ -1,5 +1,5 @@
 """Check that a run directory holds every stage's file with the fields of the data contract
-(DESIGN.md). Exit status 1 and a list of problems if not.
+(docs/DESIGN.md). Exit status 1 and a list of problems if not.
 
     python check_run.py runs/demo/iter1
 """

@@ -140,3 +140,55 @@ def test_lora_dpo_saves_a_plain_model_without_a_reference_pass(tmp_path, tiny_mo
     assert saved.keys() == start.keys()
     assert any(not torch.equal(saved[k], start[k]) for k in saved)
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def direct_eval(model_dir, tokenizer, pairs, beta=2.5, gamma=1.375):
+    """Eq. 3 on the held-out pairs from plain full forwards of the saved model: the reference
+    the trainer's eval_* metrics must equal."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = []
+    for p in pairs:
+        sides = []
+        for answer in (p["chosen"], p["rejected"]):
+            ids, n_prompt = preference_data.tokenize_answer(tokenizer, p["prompt"], answer, 512)
+            with torch.no_grad():
+                lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            sides.append((float(sum(lp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))), len(ids) - n_prompt))
+        rows.append((sides, p["gap"]))
+    mean_gap = sum(g for _, g in rows) / len(rows)
+    out = {"eval_loss": 0.0, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0, "eval_logps/chosen": 0.0}
+    for ((lc, nc), (lr, nr)), g in rows:
+        rc, rr = beta * lc / nc, beta * lr / nr
+        out["eval_loss"] += (g / mean_gap) * -torch.nn.functional.logsigmoid(torch.tensor(rc - rr - gamma)).item()
+        out["eval_rewards/accuracies"] += rc > rr
+        out["eval_rewards/margins"] += rc - rr
+        out["eval_logps/chosen"] += lc / nc
+    return {k: v / len(rows) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("launch", ["python", "torchrun"])
+def test_held_out_pairs_are_evaluated_as_a_direct_computation_says(tmp_path, tiny_model_dir, tokenizer, launch):
+    """--eval-input: the eval_* metrics of step 0 and of the last step equal Eq. 3 computed from
+    plain forwards of the starting and of the saved model; metrics.svg has a point per row."""
+    import xml.etree.ElementTree as ET
+    f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    held = [{"id": f"h{i}", "prompt": f"Held-out question {i}?", "chosen": "A careful reply " * (i + 1),
+             "rejected": "Whatever." * (i + 1), "gap": [1, 3, 2][i]} for i in range(3)]
+    h = write_jsonl(tmp_path / "held.jsonl", held)
+    (run if launch == "python" else torchrun)(
+        "train.py", "--input", f, "--eval-input", h, "--model", tiny_model_dir, "--output", tmp_path / "m",
+        "--lr", 1e-3, "--batch-size", 2, "--grad-accum", 1, "--save-every", 0, "--eval-every", 1)
+    rows = read_jsonl(tmp_path / "m" / "metrics.jsonl")
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == list(range(len(rows))) and rows[0]["step"] == 0
+    for row, model in ((evals[0], tiny_model_dir), (evals[-1], tmp_path / "m")):
+        want = direct_eval(model, tokenizer, held)
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    assert evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+    root = ET.parse(tmp_path / "m" / "metrics.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    points = {(g.get("data-panel"), g.get("data-name")): len(g.findall(ns + "circle")) for g in root.iter(ns + "g")}
+    assert points[("loss", "train")] == len(rows) - 1 and points[("loss", "eval")] == len(evals)
+    assert points[("reward accuracy", "eval")] == len(evals)
