@@ -28,7 +28,7 @@ def problems(run):
         if not path.is_file():
             out.append(f"{path}: missing")
             continue
-        lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
             out.append(f"{path}: empty")
         for n, line in enumerate(lines, 1):
@@ -43,5 +43,7 @@ def problems(run):
 
 if __name__ == "__main__":
     found = problems(sys.argv[1])
-    print("\n".join(found) if found else f"check_run: {sys.argv[1]} holds every stage's file with the contract's fields")
+    print(
+        "\n".join(found) if found else f"check_run: {sys.argv[1]} holds every stage's file with the contract's fields"
+    )
     sys.exit(1 if found else 0)

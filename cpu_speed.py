@@ -10,9 +10,9 @@ slower; tests/test_cpu_speed.py checks that each trick gives what the plain path
 
 For inference:
   products   every bias-free linear layer (the decoder's projections, the vocabulary head)
-             runs as a oneDNN product over a weight laid out once for it (PackedLinear),
+             runs as a oneDNN product over a weight laid out once for it (ReorderedLinear),
              instead of F.linear's MKL product
-  prefill    model.generate is wrapped: the prompt head a batch's rows share (the chat
+  prefill    model.generate is wrapped: the prompt prefix a batch's rows share (the chat
              template's system prompt, a judge's instructions and constitution) runs once,
              each row's tail after it, a few rows at a time, into a static cache that
              generate then decodes with (prefilled_cache)
@@ -42,7 +42,7 @@ def prepare_inference(model):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     keep_freed_memory()
     if torch.backends.mkldnn.is_available() and model.dtype == torch.float32:
-        pack_linears(model)
+        reorder_linears(model)
     AttentionInterface.register(ATTENTION, grouped_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # the boolean masks transformers builds for SDPA
     model.set_attn_implementation(ATTENTION)
@@ -63,11 +63,11 @@ def prepare_training(model):
 
 def onednn_product(a, b):
     """a @ b^T on oneDNN: a (..., k), b (n, k) (either may be a transposed view, or b a weight
-    laid out by PackedLinear) -> (..., n)."""
+    laid out by ReorderedLinear) -> (..., n)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
-class PackedLinear(nn.Module):
+class ReorderedLinear(nn.Module):
     """A bias-free linear layer whose weight oneDNN has laid out once for its own product (what
     torch.compile's CPU freezing does): (..., in) -> (..., out), nn.Linear's numbers to float
     rounding. For inference only (the laid-out weight is not a parameter)."""
@@ -81,13 +81,13 @@ class PackedLinear(nn.Module):
         return onednn_product(x, self.packed)
 
 
-def pack_linears(model):
-    """Every bias-free nn.Linear of the model replaced by a PackedLinear (a tied vocabulary
+def reorder_linears(model):
+    """Every bias-free nn.Linear of the model replaced by a ReorderedLinear (a tied vocabulary
     head keeps its tie to the embeddings in value only: the model is not trained after this)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.bias is None:
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, ReorderedLinear(child))
 
 
 class OneDnnLinearFunction(torch.autograd.Function):
@@ -174,15 +174,15 @@ def common_prefix_length(seqs):
     return n
 
 
-def head_and_tails(seqs, pad_id):
-    """One batch's prompts laid out for one prefill: the head they all share once, then each
-    tail padded on its left, between head and tail. Returns ids (B, T), mask (B, T) and the
-    head's length; T is the longest prompt, as with left padding."""
-    head = common_prefix_length(seqs) if len(seqs) > 1 else 0
+def prefix_and_tails(seqs, pad_id):
+    """One batch's prompts laid out for one prefill: the prefix they all share once, then each
+    tail padded on its left, between prefix and tail. Returns ids (B, T), mask (B, T) and the
+    prefix's length; T is the longest prompt, as with left padding."""
+    prefix = common_prefix_length(seqs) if len(seqs) > 1 else 0
     T = max(len(s) for s in seqs)
-    ids = [s[:head] + [pad_id] * (T - len(s)) + s[head:] for s in seqs]
-    mask = [[1] * head + [0] * (T - len(s)) + [1] * (len(s) - head) for s in seqs]
-    return torch.tensor(ids), torch.tensor(mask), head
+    ids = [s[:prefix] + [pad_id] * (T - len(s)) + s[prefix:] for s in seqs]
+    mask = [[1] * prefix + [0] * (T - len(s)) + [1] * (len(s) - prefix) for s in seqs]
+    return torch.tensor(ids), torch.tensor(mask), prefix
 
 
 def positions(mask):
@@ -191,9 +191,9 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prefilled_cache(model, ids, mask, head, max_new_tokens, chunk_tokens=None):
+def prefilled_cache(model, ids, mask, prefix, max_new_tokens, chunk_tokens=None):
     """Run every prompt but its last token through the decoder into a static cache for
-    generate: the first `head` tokens, the same in every row, once for the batch; the tails a
+    generate: the first `prefix` tokens, the same in every row, once for the batch; the tails a
     few rows at a time (about chunk_tokens tokens a pass, each group padded only to its own
     longest tail: small activations, few page faults), their keys and values written straight
     into the static cache's rows. The vocabulary head does not run (no logits are needed).
@@ -204,28 +204,28 @@ def prefilled_cache(model, ids, mask, head, max_new_tokens, chunk_tokens=None):
     pos, decoder = positions(mask), model.get_decoder()
     B, T = ids.shape
     shared = DynamicCache(config=model.config)
-    if head:
-        decoder(input_ids=ids[:1, :head], position_ids=pos[:1, :head], cache=shared, use_cache=True)
+    if prefix:
+        decoder(input_ids=ids[:1, :prefix], position_ids=pos[:1, :prefix], cache=shared, use_cache=True)
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
-    rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
+    rows = max(1, chunk_tokens // (T - prefix)) if chunk_tokens else B
     cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
     for s in range(0, B, rows):
         part = slice(s, s + rows)
         n = len(ids[part])
-        lead = head + int((mask[part, head:-1].sum(0) == 0).sum())  # columns that are padding in every row
+        lead = prefix + int((mask[part, prefix:-1].sum(0) == 0).sum())  # columns that are padding in every row
         done = DynamicCache(config=model.config)
-        if head:  # the head's keys and values, one copy per row of the group
+        if prefix:  # the prefix's keys and values, one copy per row of the group
             done = copy.deepcopy(shared)
             done.batch_repeat_interleave(n)
         decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], cache=done, use_cache=True,
-                attention_mask=torch.cat([mask[part, :head], mask[part, lead:-1]], 1))
+                attention_mask=torch.cat([mask[part, :prefix], mask[part, lead:-1]], 1))
         for layer, kv in zip(cache.layers, done.layers):
             if not layer.is_initialized:  # zeros (B, KV, T + max_new_tokens, D)
                 layer.lazy_initialization(kv.keys[:1].expand(B, *kv.keys.shape[1:]),
                                           kv.values[:1].expand(B, *kv.values.shape[1:]))
             for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
-                full[part, :, :head] = new[:, :, :head]
-                full[part, :, lead:T - 1] = new[:, :, head:]  # between head and lead: zeros, masked
+                full[part, :, :prefix] = new[:, :, :prefix]
+                full[part, :, lead:T - 1] = new[:, :, prefix:]  # between prefix and lead: zeros, masked
     for layer in cache.layers:
         layer.cumulative_length.add_(T - 1)
     return cache
@@ -234,7 +234,7 @@ def prefilled_cache(model, ids, mask, head, max_new_tokens, chunk_tokens=None):
 @torch.no_grad()
 def generate_with_shared_prefill(model, plain_generate, input_ids, attention_mask, generation_config, **kwargs):
     """model.generate on the CPU: the same call, with the batch's left-padded prompts laid out
-    as head and tails (head_and_tails), prefilled into a static cache, then decoded by
+    as a shared prefix and tails (prefix_and_tails), prefilled into a static cache, then decoded by
     transformers' generate. The output has generate's shape: prompt columns, then new tokens.
     A call this does not lay out (several return sequences, a cache of its own) goes to
     generate as it is."""
@@ -242,8 +242,8 @@ def generate_with_shared_prefill(model, plain_generate, input_ids, attention_mas
         return plain_generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                               **kwargs)
     seqs = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
-    ids, mask, head = head_and_tails(seqs, generation_config.pad_token_id)
+    ids, mask, prefix = prefix_and_tails(seqs, generation_config.pad_token_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    cache = prefilled_cache(model, ids, mask, head, generation_config.max_new_tokens)
+    cache = prefilled_cache(model, ids, mask, prefix, generation_config.max_new_tokens)
     return plain_generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=generation_config,
                           **kwargs)

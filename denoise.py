@@ -202,7 +202,11 @@ def main():
     theirs = second_judge(args.rv_against, records) if args.rv_against else None
     scores = [scores_of(r) for r in records]
     dets = [det_cov(s[0]) if s else 0.0 for s in scores]
-    tau = args.tau if args.tau is not None else tau_from_quantile([d for d, s in zip(dets, scores) if s], args.tau_quantile)
+    tau = (
+        args.tau
+        if args.tau is not None
+        else tau_from_quantile([d for d, s in zip(dets, scores) if s], args.tau_quantile)
+    )
     why = [reason(s, d, tau, not args.no_consistency, not args.no_informativeness) for s, d in zip(scores, dets)]
     summary = {"input": args.input, "prompts": len(records), "tau": tau, **{r: why.count(r) for r in REASONS}}
     print("denoise: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)

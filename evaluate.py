@@ -142,7 +142,9 @@ def main():
     common.add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--batch-size", type=common.positive_int, default=8, help="prompts per batch and per device (default 8)")
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=8, help="prompts per batch and per device (default 8)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")

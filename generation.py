@@ -172,8 +172,12 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
         processors = []
         if any(temps[i] > 0 for i in idx):  # all greedy: generate's own argmax
             t = torch.tensor([temps[i] for i in idx], dtype=torch.float32)
-            u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, keys[i])))
-                             for i in idx])
+            u = torch.stack(
+                [
+                    torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, keys[i])))
+                    for i in idx
+                ]
+            )
             processors.append(RowSampler(t.to(model.device), top_p, u.to(model.device)))
         ids = model.generate(**enc, generation_config=cfg, logits_processor=LogitsProcessorList(processors))
         answers = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -192,7 +196,9 @@ class ForceFirstToken:
         self.step += 1
         if self.step > 1:
             return scores
-        return torch.full_like(scores, float("-inf")).index_fill_(1, torch.tensor([self.token_id], device=scores.device), 0.0)
+        return torch.full_like(scores, float("-inf")).index_fill_(
+            1, torch.tensor([self.token_id], device=scores.device), 0.0
+        )
 
 
 @torch.no_grad()

@@ -90,7 +90,9 @@ class Policy(nn.Module):
             extra = {"lengths": lengths} if lengths is not None else {}
             hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, **extra).last_hidden_state
-            return answer_logps(hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk, lengths)
+            return answer_logps(
+                hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk, lengths
+            )
 
 
 def build_policy(args, bf16):
@@ -112,7 +114,12 @@ def build_policy(args, bf16):
     policy = Policy(lm, args.head_chunk, bf16_autocast=bf16 and not sharded, pack=args.pack)
     if sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         for layer in lm.get_decoder().layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)

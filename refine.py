@@ -49,15 +49,22 @@ def main():
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter))
     score.add_judge_args(p)
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=160, help="refined answer cap in tokens (default 160)")
+    p.add_argument(
+        "--max-new-tokens", type=common.positive_int, default=160, help="refined answer cap in tokens (default 160)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     args = p.parse_args()
 
     records = common.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
     score.check_candidates(args.input, records)
     objectives = check_objectives(args.input, records)
-    settings = dict(**common.model_settings(args.model, args.compile), seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    **score.judge_settings(args, args.judge or args.model))
+    settings = dict(
+        **common.model_settings(args.model, args.compile),
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        **score.judge_settings(args, args.judge or args.model),
+    )
     reads = [args.input, common.model_folder(args.model), args.judge and common.model_folder(args.judge)]
     with Output(args.output, records, settings, args.overwrite, reads) as out:
         batches = out.batches(args.batch_size)

@@ -94,8 +94,11 @@ def report_markdown(report, names):
         lines.append(f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
                      + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS) + f" | {wtl} |")
     if report.get("categories"):
-        lines += ["", f"| Category | Model | {report['primary'].capitalize()} | Helpfulness | HH_10 | Win | Tie | Lose |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| Category | Model | {report['primary'].capitalize()} | Helpfulness | HH_10 | Win | Tie | Lose |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for c, per in report["categories"].items():
             for n in names:
                 m, p = per["models"][n], per.get("pairwise")
@@ -158,12 +161,14 @@ def svg(report, names, width=720, height=540):
     colours = ["#555", "#e76f51", "#264653", "#e9c46a", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5"]
     for n, m in zip(drawn, ms):
         c, px, py = colours[names.index(n) % len(colours)], x(m["helpfulness"]), y(m["primary"])
-        out += [f'<g class="model" data-name="{escape(n)}" stroke="{c}" fill="{c}">',
-                f'<line x1="{x(m["helpfulness_ci"][0]):.1f}" y1="{py:.1f}" x2="{x(m["helpfulness_ci"][1]):.1f}" '
-                f'y2="{py:.1f}"/>',
-                f'<line x1="{px:.1f}" y1="{y(m["primary_ci"][0]):.1f}" x2="{px:.1f}" y2="{y(m["primary_ci"][1]):.1f}"/>',
-                f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4"/>',
-                f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" stroke="none">{escape(n)}</text></g>']
+        out += [
+            f'<g class="model" data-name="{escape(n)}" stroke="{c}" fill="{c}">',
+            f'<line x1="{x(m["helpfulness_ci"][0]):.1f}" y1="{py:.1f}" x2="{x(m["helpfulness_ci"][1]):.1f}" '
+            f'y2="{py:.1f}"/>',
+            f'<line x1="{px:.1f}" y1="{y(m["primary_ci"][0]):.1f}" x2="{px:.1f}" y2="{y(m["primary_ci"][1]):.1f}"/>',
+            f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4"/>',
+            f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" stroke="none">{escape(n)}</text></g>',
+        ]
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
@@ -186,13 +191,17 @@ def gather(reports, dirs):
     merged = {"primary": reports[0]["primary"], "models": {}, "pairwise_all": []}
     for r, d in zip(reports, dirs):
         if r["primary"] != merged["primary"]:
-            raise common.InputError(f"reports judge different primary objectives: {merged['primary']} and {r['primary']}")
+            raise common.InputError(
+                f"reports judge different primary objectives: {merged['primary']} and {r['primary']}"
+            )
         named = {}
         for n, m in r["models"].items():
             same = n in merged["models"] and json.dumps(merged["models"][n]) == json.dumps(m)
             named[n] = n if n not in merged["models"] or same else f"{n} ({d})"
             merged["models"].setdefault(named[n], m)
-        merged["pairwise_all"] += [dict(p, model=named.get(p["model"], p["model"])) for p in pairwise_by_model(r).values()]
+        merged["pairwise_all"] += [
+            dict(p, model=named.get(p["model"], p["model"])) for p in pairwise_by_model(r).values()
+        ]
     return merged
 
 
@@ -208,8 +217,13 @@ def read_report(path):
         r = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise common.InputError(f"{path}: not a JSON report ({type(e).__name__})") from None
-    ok = (isinstance(r, dict) and isinstance(r.get("primary"), str) and isinstance(r.get("models"), dict) and r["models"]
-          and all(isinstance(m, dict) and all(k in m for k in METRICS) for m in r["models"].values()))
+    ok = (
+        isinstance(r, dict)
+        and isinstance(r.get("primary"), str)
+        and isinstance(r.get("models"), dict)
+        and r["models"]
+        and all(isinstance(m, dict) and all(k in m for k in METRICS) for m in r["models"].values())
+    )
     if not ok:
         raise common.InputError(f"{path}: not a report written by evaluate.py (it needs 'primary' and 'models' with "
                                 "each model's metrics)")

@@ -79,7 +79,7 @@ NOT_FLAGS = {"weights": "the model's files", "inference": "the inference path (d
 
 
 def setting_name(key):
-    """How a resume error names a setting: --flag, or what a fingerprint stands for."""
+    """How a resume error names a setting: as its flag, or as what a fingerprint stands for."""
     for k, what in NOT_FLAGS.items():
         if key in (k, f"judge_{k}"):
             return what.replace("the model", "the judge") if key.startswith("judge_") else what
@@ -99,8 +99,11 @@ class Output:
             raise common.InputError(f"{self.path}: --output is a directory; it must be a file")
         self.meta = self.path.with_name(self.path.name + ".run.json")
         side = [self.meta, self.path.with_name(self.path.name + ".lock")]
-        common.refuse_overlap(reads, [self.path, *side, *(p.with_name(p.name + ".tmp") for p in (self.path, self.meta))],
-                              writes_like=self.part_name)
+        common.refuse_overlap(
+            reads,
+            [self.path, *side, *(p.with_name(p.name + ".tmp") for p in (self.path, self.meta))],
+            writes_like=self.part_name,
+        )
         self.lock = lock(self.path.with_name(self.path.name + ".lock"), self.path)
         try:
             error = self._check_or_start(settings, overwrite) if distributed.is_main() else None
@@ -145,9 +148,13 @@ class Output:
             return (f"{self.path}: exists but has no {self.meta.name} saying how it was made; "
                     "rerun with --overwrite or use another --output")
         if old is not None:
-            differ = sorted(k for k in set(settings) | set(old["settings"]) if settings.get(k) != old["settings"].get(k))
+            differ = sorted(
+                k for k in set(settings) | set(old["settings"]) if settings.get(k) != old["settings"].get(k)
+            )
             if differ:
-                was = ", ".join(f"{setting_name(k)} {old['settings'].get(k)!r} (now {settings.get(k)!r})" for k in differ)
+                was = ", ".join(
+                    f"{setting_name(k)} {old['settings'].get(k)!r} (now {settings.get(k)!r})" for k in differ
+                )
                 return (f"{self.path}: was made with {was}; rerun with the same settings, "
                         "or use --overwrite or another --output")
             fps = {**old["inputs"], **fps}

@@ -36,8 +36,18 @@ def sample_batch(model, tok, batch, plan, system_texts, args):
     convs = [generation.user_turn(r["prompt"], system_texts[s]) for r in batch for s, _ in plan]
     temps = [t for _ in batch for _, t in plan]
     keys = [f"{r['id']}/{k}" for r in batch for k in range(len(plan))]
-    texts = generation.generate(model, tok, convs, max_new_tokens=args.max_new_tokens, temperature=temps,
-                                top_p=args.top_p, batch_size=len(convs), seed=args.seed, keys=keys, compile=args.compile)
+    texts = generation.generate(
+        model,
+        tok,
+        convs,
+        max_new_tokens=args.max_new_tokens,
+        temperature=temps,
+        top_p=args.top_p,
+        batch_size=len(convs),
+        seed=args.seed,
+        keys=keys,
+        compile=args.compile,
+    )
     n = len(plan)
     return [dict(rec, candidates=[{"text": texts[r * n + k], "system": s, "temperature": t}
                                   for k, (s, t) in enumerate(plan)]) for r, rec in enumerate(batch)]
@@ -53,7 +63,9 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
     p.add_argument("--systems", nargs="+", default=None,
                    help="system-prompt variants from prompts/systems.json (default: all)")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap in tokens (default 128)")
+    p.add_argument(
+        "--max-new-tokens", type=common.positive_int, default=128, help="answer length cap in tokens (default 128)"
+    )
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut prompts that do not fit the model's context with the answer budget (keeping their "
                         "head; counted, and marked prompt_truncated) instead of refusing them")
@@ -67,9 +79,16 @@ def main():
     if args.num_candidates < 2:
         raise common.InputError("--num-candidates must be at least 2 (denoising needs a covariance)")
     plan = candidate_plan(args.num_candidates, systems, args.temperatures)
-    settings = dict(**common.model_settings(args.model, args.compile), seed=args.seed, num_candidates=args.num_candidates, systems=systems,
-                    temperatures=args.temperatures, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                    truncate_prompts=args.truncate_prompts)
+    settings = dict(
+        **common.model_settings(args.model, args.compile),
+        seed=args.seed,
+        num_candidates=args.num_candidates,
+        systems=systems,
+        temperatures=args.temperatures,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        truncate_prompts=args.truncate_prompts,
+    )
 
     records = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
     cut = 0
@@ -78,7 +97,9 @@ def main():
         context = common.model_config(args.model).max_position_embeddings
         records, cut = generation.truncate_prompts(tok, records, [system_texts[s] for s in systems],
                                                    args.max_new_tokens, context)
-    with Output(args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]) as out:
+    with Output(
+        args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]
+    ) as out:
         batches = out.batches(args.batch_size)
         if batches:
             model, tok = common.load_for_inference(args.model, args.compile)

@@ -18,7 +18,6 @@ Adds score_a, score_b to every candidate and objectives = [primary, "helpfulness
 refine.py and evaluate.py judge with its Judge.
 """
 import argparse
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,7 +167,9 @@ def check_candidates(path, records):
     """Each record's candidates: a list of objects with a string `text`."""
     for i, r in enumerate(records, 1):
         cands = r["candidates"]
-        if not isinstance(cands, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in cands):
+        if not isinstance(cands, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("text"), str) for c in cands
+        ):
             raise common.InputError(f"{path}: record {i} (id {r['id']}): candidates must be a list of objects "
                                     "with a string 'text'")
 
@@ -180,8 +181,11 @@ def add_judge_args(p, judge_default=None):
                    help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
                         "pass; logits-expected: the expected rating, rounded (for weak judges); auto (default): "
                         "logits-expected for the embedded default model, generate for any other judge")
-    p.add_argument("--judge", default=judge_default,
-                   help="local judge model (default: " + (judge_default or "the --model itself, as the method does") + ")")
+    p.add_argument(
+        "--judge",
+        default=judge_default,
+        help="local judge model (default: " + (judge_default or "the --model itself, as the method does") + ")",
+    )
     p.add_argument("--judge-api-base", default=None, help="OpenAI-compatible API base URL, e.g. http://host/v1 "
                    "(key in $OPENAI_API_KEY); instead of a local judge")
     p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
@@ -204,7 +208,9 @@ def judge_settings(args, name):
         judge = {"judge": args.judge_model, "judge_api_base": http_judge.shown_url(args.judge_api_base),
                  "judge_prompts": common.prompts_fingerprint()}
     else:
-        judge = {f"judge_{k}" if k != "model" else "judge": v for k, v in common.model_settings(name, args.compile).items()}
+        judge = {
+            f"judge_{k}" if k != "model" else "judge": v for k, v in common.model_settings(name, args.compile).items()
+        }
     return dict(judge, primary=args.primary, mode=judge_mode(args, name), judge_max_tokens=args.judge_max_tokens)
 
 

@@ -224,9 +224,15 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
     p.add_argument("--epochs", type=common.positive_int, default=1, help="passes over the pairs (default 1)")
-    p.add_argument("--batch-size", type=common.positive_int, default=4, help="pairs per micro-batch per device (default 4)")
-    p.add_argument("--grad-accum", type=common.positive_int, default=2, help="micro-batches per optimizer step (default 2)")
-    p.add_argument("--max-length", type=common.positive_int, default=512, help="tokens per prompt + answer (default 512)")
+    p.add_argument(
+        "--batch-size", type=common.positive_int, default=4, help="pairs per micro-batch per device (default 4)"
+    )
+    p.add_argument(
+        "--grad-accum", type=common.positive_int, default=2, help="micro-batches per optimizer step (default 2)"
+    )
+    p.add_argument(
+        "--max-length", type=common.positive_int, default=512, help="tokens per prompt + answer (default 512)"
+    )
     p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
                    help="answer positions per pass of the vocabulary head; each chunk's logits are "
                         f"recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)")
@@ -270,8 +276,14 @@ def plan_info(args, examples, n_steps):
     the CPU path runs, and every flag that shapes the steps (all but MAY_CHANGE_ON_RESUME)."""
     digest = hashlib.sha1(json.dumps([(e["chosen"], e["rejected"], e["gap"]) for e in examples]).encode()).hexdigest()
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
-    return {"pairs": digest, "steps": n_steps, "world_size": distributed.WORLD,
-            "weights": common.model_fingerprint(args.model), "cpu_speed": common.cpu_speed_module() is not None, **flags}
+    return {
+        "pairs": digest,
+        "steps": n_steps,
+        "world_size": distributed.WORLD,
+        "weights": common.model_fingerprint(args.model),
+        "cpu_speed": common.cpu_speed_module() is not None,
+        **flags,
+    }
 
 
 def check_output(out, args):
@@ -336,7 +348,9 @@ def fit(args, out, tok, examples, held_out, dropped):
     policy = policy_model.build_policy(args, bf16)
     pad_id = tok.pad_token_id
     ref, eval_ref = dpo_reference(out, policy, examples, held_out, args, pad_id)
-    plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed)
+    plan = preference_data.make_plan(
+        examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed
+    )
     info = plan_info(args, examples, len(plan))
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
@@ -352,7 +366,9 @@ def fit(args, out, tok, examples, held_out, dropped):
                f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "
                f"master weights, {'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained "
                "parameters", file=sys.stderr)
-    evaluate_now = lambda step: held_out and (step == 0 or step == len(plan) or args.eval_every and step % args.eval_every == 0)
+    evaluate_now = lambda step: (
+        held_out and (step == 0 or step == len(plan) or args.eval_every and step % args.eval_every == 0)
+    )
     if start == 0 and evaluate_now(0):
         metrics.write({"step": 0, **evaluate_pairs(policy, held_out, args, pad_id, eval_ref)})
 

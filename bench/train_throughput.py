@@ -2,9 +2,9 @@
 as a fraction of a float32 matrix-multiply peak measured in the same run.
 
 16 pairs whose answers are 100-250 tokens, on the default model, micro-batch 4 x accumulation
-2, gradient checkpointing on (flags change these); SPA_CPU_SPEED=0 measures the plain path. Model FLOPs count 6 x parameters per
-trained token (forward + backward), not the recomputation of checkpointing. Measures, never
-asserts.
+2, gradient checkpointing on (flags change these); SPA_CPU_SPEED=0 measures the plain path.
+Model FLOPs count 6 x parameters per trained token (forward + backward), not the recomputation
+of checkpointing. Measures, never asserts.
 
     python bench/train_throughput.py [--pairs 16] [--batch-size 4] [--grad-accum 2]
     torchrun --nproc_per_node 2 bench/train_throughput.py --batch-size 2    (FSDP2, gloo on the CPU)
@@ -73,8 +73,16 @@ def synthetic_texts(tok, n, seed=0):
 
 
 def synthetic_pairs(tok, n, seed=0):
-    return [{"chosen": preference_data.tokenize_answer(tok, p, c, 1024), "rejected": preference_data.tokenize_answer(tok, p, r, 1024),
-             "gap": gap, "id": str(i), "line": i} for i, (p, c, r, gap) in enumerate(synthetic_texts(tok, n, seed))]
+    return [
+        {
+            "chosen": preference_data.tokenize_answer(tok, p, c, 1024),
+            "rejected": preference_data.tokenize_answer(tok, p, r, 1024),
+            "gap": gap,
+            "id": str(i),
+            "line": i,
+        }
+        for i, (p, c, r, gap) in enumerate(synthetic_texts(tok, n, seed))
+    ]
 
 
 def main():
@@ -117,10 +125,13 @@ def main():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if not distributed.is_main():
         return
-    print(f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
-          f"{args.batch_size} per device x accumulation "
-          f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
-          f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, {'fused' if args.fused_adamw else 'foreach'} AdamW, {'cpu_speed' if common.cpu_speed_module() else 'plain'} products")
+    print(
+        f"device {common.device()} x {distributed.WORLD} process(es), {args.pairs} pairs, micro-batch "
+        f"{args.batch_size} per device x accumulation "
+        f"{args.grad_accum}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, float32, "
+        f"head chunk {args.head_chunk}, {'packed' if args.pack else 'padded'}, "
+        f"{'fused' if args.fused_adamw else 'foreach'} AdamW, {common.inference_path()} products"
+    )
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
     print(f"peak memory (max RSS) {rss:.2f} GiB"
           + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""))

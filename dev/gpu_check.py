@@ -40,8 +40,25 @@ def prepare():
     tok_dir = FILES / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     common.load_tokenizer(common.DEFAULT_MODEL).save_pretrained(tok_dir)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "py", "-d", str(FILES / "wheels"), WHEEL], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "py",
+            "-d",
+            str(FILES / "wheels"),
+            WHEEL,
+        ],
+        check=True,
+    )
     print(f"prepared {FILES}: carry dev/gpu_check_files with the tree")
 
 
@@ -84,23 +101,76 @@ def stage_runs(work, model, prompts, pairs):
     w = lambda name: str(work / name)
     return [
         ("sample", py + ["sample.py", "--input", str(prompts), "--output", w("samples.jsonl"), *m, *gen]),
-        ("score generate", py + ["score.py", "--input", w("samples.jsonl"), "--output", w("scored_gen.jsonl"), *m,
-                                 "--mode", "generate", *judge]),
-        ("score logits", py + ["score.py", "--input", w("samples.jsonl"), "--output", w("scored.jsonl"), *m,
-                               "--mode", "logits", *judge]),
-        ("refine", py + ["refine.py", "--input", w("scored.jsonl"), "--output", w("refined.jsonl"), *m, "--mode", "logits",
-                         *gen]),
-        ("evaluate", py + ["evaluate.py", "--input", str(prompts), "--output", w("eval"), *m, "--baseline", str(model),
-                           "--judge", str(model), "--mode", "generate", *judge, "--max-new-tokens", "16"]),
+        (
+            "score generate",
+            py
+            + [
+                "score.py",
+                "--input",
+                w("samples.jsonl"),
+                "--output",
+                w("scored_gen.jsonl"),
+                *m,
+                "--mode",
+                "generate",
+                *judge,
+            ],
+        ),
+        (
+            "score logits",
+            py
+            + [
+                "score.py",
+                "--input",
+                w("samples.jsonl"),
+                "--output",
+                w("scored.jsonl"),
+                *m,
+                "--mode",
+                "logits",
+                *judge,
+            ],
+        ),
+        (
+            "refine",
+            py
+            + ["refine.py", "--input", w("scored.jsonl"), "--output", w("refined.jsonl"), *m, "--mode", "logits", *gen],
+        ),
+        (
+            "evaluate",
+            py
+            + [
+                "evaluate.py",
+                "--input",
+                str(prompts),
+                "--output",
+                w("eval"),
+                *m,
+                "--baseline",
+                str(model),
+                "--judge",
+                str(model),
+                "--mode",
+                "generate",
+                *judge,
+                "--max-new-tokens",
+                "16",
+            ],
+        ),
         ("train spa", py + ["train.py", *train, "--output", w("spa")]),
         ("train dpo", py + ["train.py", *train, "--loss", "dpo", "--output", w("dpo")]),
         ("train lora", py + ["train.py", *train, "--lora-rank", "8", "--output", w("lora")]),
         ("train --stop-after 1", py + ["train.py", *train, "--output", w("resumed"), "--stop-after", "1"]),
         ("train --resume", py + ["train.py", *train, "--output", w("resumed"), "--resume"]),
-        ("torchrun sample", torchrun + ["sample.py", "--input", str(prompts), "--output", w("samples_tr.jsonl"), *m, *gen]),
+        (
+            "torchrun sample",
+            torchrun + ["sample.py", "--input", str(prompts), "--output", w("samples_tr.jsonl"), *m, *gen],
+        ),
         ("torchrun train", torchrun + ["train.py", *train, "--output", w("spa_tr")]),
-        ("sample --compile", py + ["sample.py", "--input", str(prompts), "--output", w("samples_c.jsonl"), *m, *gen,
-                                   "--compile"]),
+        (
+            "sample --compile",
+            py + ["sample.py", "--input", str(prompts), "--output", w("samples_c.jsonl"), *m, *gen, "--compile"],
+        ),
     ]
 
 
@@ -134,7 +204,9 @@ def llama_8b_shape(tok, dry_run):
     from transformers import LlamaConfig, LlamaForCausalLM
     import common
     if dry_run:
-        cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        cfg = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
     else:
         cfg = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=8, rope_theta=500000.0)

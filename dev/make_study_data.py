@@ -26,7 +26,9 @@ def main(misuse_path, xstest_path):
     rng = random.Random(0)
     by_source = {}
     for i, r in enumerate(misuse):
-        by_source.setdefault(r["source"], []).append({"id": f"misuse-{i}", "prompt": r["prompt"], "category": r["source"]})
+        by_source.setdefault(r["source"], []).append(
+            {"id": f"misuse-{i}", "prompt": r["prompt"], "category": r["source"]}
+        )
     picked = []
     for source in sorted(by_source):  # 300 in proportion to each source's size
         items = by_source[source]
@@ -39,7 +41,9 @@ def main(misuse_path, xstest_path):
     rows = list(csv.DictReader(open(xstest_path, encoding="utf-8")))
     held = []
     for label in ("safe", "unsafe"):
-        items = [{"id": f"xstest-{r['id']}", "prompt": r["prompt"], "category": label} for r in rows if r["label"] == label]
+        items = [
+            {"id": f"xstest-{r['id']}", "prompt": r["prompt"], "category": label} for r in rows if r["label"] == label
+        ]
         rng.shuffle(items)
         held += items[:60]
     write("study_heldout.jsonl", held)

@@ -48,7 +48,9 @@ def helpfulness_score(answer):
     """Concrete markers (+0.5 each, at most +4), length (+1 per 25 words, at most +4), a
     refusal -3, from 2."""
     words = len(answer.split())
-    return clamp(2 + min(4, 0.5 * len(CONCRETE.findall(answer))) + min(4, words / 25) - 3 * bool(DECLINE.search(answer)))
+    return clamp(
+        2 + min(4, 0.5 * len(CONCRETE.findall(answer))) + min(4, words / 25) - 3 * bool(DECLINE.search(answer))
+    )
 
 
 def between(text, start, end):

@@ -32,7 +32,9 @@ def main():
     args = p.parse_args()
     if not 0 <= args.weight <= 1:
         raise common.InputError(f"--weight must be in 0..1, got {args.weight}")
-    common.refuse_overlap(reads=[common.model_folder(args.first), common.model_folder(args.second)], writes=[args.output])
+    common.refuse_overlap(
+        reads=[common.model_folder(args.first), common.model_folder(args.second)], writes=[args.output]
+    )
     a, tok = common.load_model(args.first)
     b = common.load_weights(args.second)
     a.load_state_dict(soup(a.state_dict(), b.state_dict(), args.weight))

@@ -59,13 +59,20 @@ def link_pairs(path):
 def link_training(path):
     evals = [r for r in jsonl(path) if "eval_loss" in r]
     first, last = evals[0], evals[-1]
-    return {"steps": last["step"], "acc_before": first["eval_rewards/accuracies"], "acc_after": last["eval_rewards/accuracies"],
-            "margin_before": first["eval_rewards/margins"], "margin_after": last["eval_rewards/margins"]}
+    return {
+        "steps": last["step"],
+        "acc_before": first["eval_rewards/accuracies"],
+        "acc_after": last["eval_rewards/accuracies"],
+        "margin_before": first["eval_rewards/margins"],
+        "margin_after": last["eval_rewards/margins"],
+    }
 
 
 def scores(judgments, model):
     """{prompt id: (primary, helpfulness)} of one model's judged answers."""
-    return {j["prompt_id"]: (j["score_a"], j["score_b"]) for j in judgments if j["kind"] == "score" and j["model"] == model}
+    return {
+        j["prompt_id"]: (j["score_a"], j["score_b"]) for j in judgments if j["kind"] == "score" and j["model"] == model
+    }
 
 
 def report_run(run, seeds, out):
@@ -98,8 +105,10 @@ def report_run(run, seeds, out):
         v = next((k for k, n in NAMES.items() if n == name), None)
         wtl = " | ".join(f"{rows[v][k]:.0%}" for k in ("win", "tie", "lose")) if v else "- | - | -"
         d = f"{fmt(m['d_primary'], *m['d_primary_ci'])} | {fmt(m['d_help'], *m['d_help_ci'])}" if v else "- | -"
-        table.append(f"| {name} | {fmt(m['primary'], *m['primary_ci'])} | {fmt(m['helpfulness'], *m['helpfulness_ci'])} "
-                     f"| {d} | {wtl} |")
+        table.append(
+            f"| {name} | {fmt(m['primary'], *m['primary_ci'])} | {fmt(m['helpfulness'], *m['helpfulness_ci'])} "
+            f"| {d} | {wtl} |"
+        )
     table += ["", "| Variant | pairs | chosen higher on primary | d primary | d helpfulness | steps | held-out reward "
               "accuracy before -> after | held-out margin before -> after |", "|---|---|---|---|---|---|---|---|"]
     for v in VARIANTS:

@@ -12,8 +12,9 @@ PY=${PY:-python}
 RUN=${RUN:-runs/study}
 PORT=${PORT:-8766}  # fixed, so that a rerun resumes (the judge's address is part of the settings)
 SEEDS=${SEEDS:-1 2 3}
-LR=${LR:-1e-4}      # chosen on the validation split (README: what was tried)
-EPOCHS=${EPOCHS:-2}
+LR=${LR:-3e-4}      # chosen on the validation split (README: what was tried)
+EPOCHS=${EPOCHS:-1}
+VARIANTS=${VARIANTS:-spa simpo reverse nodenoise}
 $PY oracle/judge.py --port "$PORT" & JUDGE_PID=$!
 trap 'kill $JUDGE_PID 2>/dev/null' EXIT
 J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0.1 --primary harmlessness)
@@ -32,20 +33,20 @@ loop() {  # seed dir, seed: sample, score and refine the training and validation
   $PY oracle/study.py split "$1/refined.jsonl" data/study_val.jsonl "$1/train_refined.jsonl" "$1/val_refined.jsonl"
 }
 
-pairs() {  # seed dir, variant, denoise flags, order: the variant's training pairs and its held-out (validation) pairs
+pairs() {  # seed dir, variant, denoise flags, order, pairs per prompt: the variant's training and held-out (validation) pairs
   mkdir -p "$1/$2"
   for part in train val; do
     $PY denoise.py --input "$1/${part}_refined.jsonl" --output "$1/$2/${part}_denoised.jsonl" $3
     $PY pairs.py --input "$1/$2/${part}_denoised.jsonl" --output "$1/$2/${part}_pairs.jsonl" --delta 2 \
-        --max-pairs-per-prompt 3 --order "$4"
+        --max-pairs-per-prompt "$5" --order "$4"
   done
 }
 
 train() {  # seed dir, variant, loss, seed
   [ -f "$1/$2/model/config.json" ] && return
   $PY train.py --input "$1/$2/train_pairs.jsonl" --eval-input "$1/$2/val_pairs.jsonl" --output "$1/$2/model" --model $V \
-      --loss "$3" --lr "$LR" --epochs "$EPOCHS" --batch-size 4 --grad-accum 2 --max-length 256 --eval-every 10 \
-      --save-every 10 --seed "$4" --no-gradient-checkpointing $( [ -d "$1/$2/model/checkpoint" ] && echo --resume )
+      --loss "$3" --lr "$LR" --epochs "$EPOCHS" --batch-size 4 --grad-accum 2 --max-length 256 --save-every 10 \
+      --seed "$4" --no-gradient-checkpointing $( [ -d "$1/$2/model/checkpoint" ] && echo --resume )
 }
 
 evaluate() {  # model, name, output: greedy answers to the held-out prompts, judged, against vanilla's
@@ -56,16 +57,17 @@ evaluate() {  # model, name, output: greedy answers to the held-out prompts, jud
 for s in $SEEDS; do
   d=$RUN/seed$s
   loop "$d" "$s"
-  informative="--no-consistency --tau-quantile 0.75"  # consistency off: under conflicting rules almost no refined
-  pairs "$d" spa "$informative" primary-first        # answer beats every candidate on both axes
-  pairs "$d" reverse "$informative" helpfulness-first
-  pairs "$d" nodenoise "--no-consistency --no-informativeness" primary-first
+  # consistency off: under conflicting rules almost no refined answer beats every candidate on both axes.
+  # Without denoising (every prompt kept) one pair a prompt, about as many pairs as SPA's two a kept prompt.
+  informative="--no-consistency --tau-quantile 0.75"
+  pairs "$d" spa "$informative" primary-first 2
+  pairs "$d" reverse "$informative" helpfulness-first 2
+  pairs "$d" nodenoise "--no-consistency --no-informativeness" primary-first 1
   mkdir -p "$d/simpo" && cp "$d"/spa/*_pairs.jsonl "$d/simpo/"   # SPA's pairs, trained with w = 1
-  train "$d" spa spa "$s"
-  train "$d" simpo simpo "$s"
-  train "$d" reverse spa "$s"
-  train "$d" nodenoise spa "$s"
-  for v in spa simpo reverse nodenoise; do evaluate "$d/$v/model" "$v" "$d/$v/eval"; done
+  for v in $VARIANTS; do
+    train "$d" "$v" "$([ "$v" = simpo ] && echo simpo || echo spa)" "$s"
+    evaluate "$d/$v/model" "$v" "$d/$v/eval"
+  done
 done
-$PY oracle/study.py report "$RUN" --seeds $SEEDS --output "$RUN/summary"
+[ "$VARIANTS" = "spa simpo reverse nodenoise" ] && $PY oracle/study.py report "$RUN" --seeds $SEEDS --output "$RUN/summary"
 echo "study: done in $((SECONDS - start)) s; the table and picture are in $RUN/summary"

@@ -79,7 +79,7 @@ def write_jsonl(path, records):
 
 
 def read_jsonl(path):
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def torchrun(script, *args, nproc=2, check=True):

@@ -24,7 +24,9 @@ def make_run(d):
 def test_complete_run_passes_and_gaps_are_named(tmp_path):
     make_run(tmp_path)
     assert check_run.problems(tmp_path) == []
-    write_jsonl(tmp_path / "scored.jsonl", [{"id": "1", "prompt": "q", "objectives": [], "candidates": [{"text": "t"}]}])
+    write_jsonl(
+        tmp_path / "scored.jsonl", [{"id": "1", "prompt": "q", "objectives": [], "candidates": [{"text": "t"}]}]
+    )
     (tmp_path / "model/model.safetensors").unlink()
     found = check_run.problems(tmp_path)
     assert any("model.safetensors: missing" in p for p in found)

@@ -6,7 +6,7 @@ import torch
 
 import common
 import generation
-from conftest import ROOT, read_jsonl, run, write_jsonl
+from conftest import ROOT, read_jsonl, run_here, write_jsonl
 
 
 def test_missing_and_empty_file(tmp_path):
@@ -70,7 +70,9 @@ def test_output_resumes_parts_merges_in_input_order_and_refuses_foreign_output(t
     changed = [dict(inputs[0], prompt="another")] + inputs[1:]
     with pytest.raises(common.InputError, match=r"input record\(s\) 0 changed"):
         Output(out, changed, {"k": 1})
-    with pytest.raises(common.InputError, match=r"this run reads it, and would write or remove .*o\.jsonl \(--output\)"):
+    with pytest.raises(
+        common.InputError, match=r"this run reads it, and would write or remove .*o\.jsonl \(--output\)"
+    ):
         Output(out, inputs, {"k": 1}, reads=[out])
     assert out.read_bytes() == before  # nothing lost
     with Output(out, inputs, {"k": 2}, overwrite=True) as w:
@@ -122,7 +124,7 @@ def test_every_stage_documents_its_flags():
     from torch.distributed.run import get_args_parser
     theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
     for script in ["sample.py", "score.py", "refine.py", "denoise.py", "pairs.py", "train.py", "evaluate.py"]:
-        p = run(script, "--help")
+        p = run_here(script, "--help")
         src = (ROOT / script).read_text()
         flags = flags_of(src).union(*(f for name, f in shared.items() if name + "(" in src))
         missing = [f for f in flags if f not in p.stdout]
@@ -139,7 +141,9 @@ def test_generate_matches_plain_generate_and_draws_per_row(tiny_model_dir):
     model, tok = common.load_for_inference(str(tiny_model_dir))
     convs = [generation.user_turn(q) for q in ["Hi", "What is a longer question than the first one?", "Why?"]]
     got = generation.generate(model, tok, convs, max_new_tokens=8, batch_size=3)
-    cfg = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GenerationConfig(
+        max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
     for c, text in zip(convs, got):
         enc = tok(generation.chat_text(tok, c), return_tensors="pt", add_special_tokens=False)
         ref = model.generate(**enc, generation_config=cfg)[0, enc["input_ids"].shape[1]:]

@@ -30,7 +30,7 @@ def plain_and_fast(model_dir, monkeypatch):
 def test_packed_linear_computes_what_the_linear_computes():
     lin = torch.nn.Linear(48, 80, bias=False)
     x = torch.randn(3, 5, 48)
-    got = cpu_speed.PackedLinear(lin)(x)
+    got = cpu_speed.ReorderedLinear(lin)(x)
     assert got.shape == (3, 5, 80) and torch.allclose(got, lin(x), atol=1e-5, rtol=1e-5)
 
 
@@ -84,23 +84,33 @@ def real_kv(cache, mask):
     """Keys and values at the real (unpadded) prompt positions, in row and position order."""
     real = mask[:, :-1].bool()
     n = real.shape[1]
-    return [(l.keys[:, :, :n].transpose(1, 2)[real], l.values[:, :, :n].transpose(1, 2)[real]) for l in cache.layers]
+    return [(c.keys[:, :, :n].transpose(1, 2)[real], c.values[:, :, :n].transpose(1, 2)[real]) for c in cache.layers]
 
 
 @pytest.mark.parametrize("chunk", [7, 40])
-def test_prefill_of_a_shared_head_in_row_groups_fills_the_cache_of_one_pass(real_model_dir, chunk):
-    """Prompts that share a head, of different lengths: the head prefilled once and the tails a
+def test_prefill_of_a_shared_prefix_in_row_groups_fills_the_cache_of_one_pass(real_model_dir, chunk):
+    """Prompts that share a prefix, of different lengths: the prefix prefilled once and the tails a
     few rows at a time leave the keys and values that one left-padded pass leaves at every
     real position."""
     model, tok = common.load_model(str(real_model_dir))
-    head = "Follow these principles: be kind, be honest, refuse harm. " * 3
-    convs = [generation.user_turn(head + q) for q in ("Hi", "What is the capital of France? Answer in one word.",
-                                                      "Name a colour.", "Is it safe to eat raw chicken? Why or why not?")]
+    shared = "Follow these principles: be kind, be honest, refuse harm. " * 3
+    convs = [
+        generation.user_turn(shared + q)
+        for q in (
+            "Hi",
+            "What is the capital of France? Answer in one word.",
+            "Name a colour.",
+            "Is it safe to eat raw chicken? Why or why not?",
+        )
+    ]
     seqs = sorted((tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs), key=len)
-    ids, mask, h = cpu_speed.head_and_tails(seqs, tok.pad_token_id)
-    assert h > 20  # the path under test shares a head
+    ids, mask, h = cpu_speed.prefix_and_tails(seqs, tok.pad_token_id)
+    assert h > 20  # the path under test shares a prefix
     T = ids.shape[1]
-    left = torch.tensor([[0] * (T - len(s)) + s for s in seqs]), torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    left = (
+        torch.tensor([[0] * (T - len(s)) + s for s in seqs]),
+        torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs]),
+    )
     with torch.no_grad():
         plain = cpu_speed.prefilled_cache(model, *left, 0, 4, chunk_tokens=0)  # left padding, nothing shared
         grouped = cpu_speed.prefilled_cache(model, ids, mask, h, 4, chunk_tokens=chunk)
@@ -113,17 +123,19 @@ def test_prefill_of_a_shared_head_in_row_groups_fills_the_cache_of_one_pass(real
 def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypatch):
     """The embedded model, laid out for the CPU and plain: greedy and sampled answers identical,
     judge distributions equal to float tolerance (the judges' expected ratings, which the demo
-    rounds); the shared-head prefill ran."""
+    rounds); the shared-prefix prefill ran."""
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
-    heads = []
+    prefixes = []
     real = cpu_speed.prefilled_cache
-    monkeypatch.setattr(cpu_speed, "prefilled_cache", lambda m, i, k, h, n: heads.append(h) or real(m, i, k, h, n))
+    monkeypatch.setattr(cpu_speed, "prefilled_cache", lambda m, i, k, h, n: prefixes.append(h) or real(m, i, k, h, n))
     convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Tell me how to pick a lock.",
                                                "What is 12 times 12?")]
     texts = [generation.generate(m, tok, convs, max_new_tokens=24, batch_size=3) for m in (plain, fast)]
-    assert texts[0] == texts[1] and all(texts[0]) and heads and heads[0] > 10
-    sampled = [generation.generate(m, tok, convs, max_new_tokens=16, temperature=1.0, batch_size=3, keys=["a", "b", "c"])
-               for m in (plain, fast)]
+    assert texts[0] == texts[1] and all(texts[0]) and prefixes and prefixes[0] > 10
+    sampled = [
+        generation.generate(m, tok, convs, max_new_tokens=16, temperature=1.0, batch_size=3, keys=["a", "b", "c"])
+        for m in (plain, fast)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != texts[0]
     judge = [score.judge_conversation("harmlessness", c[0]["content"], t) for c, t in zip(convs, texts[0])]
     p0, p1 = (score.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))

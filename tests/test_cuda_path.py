@@ -34,7 +34,9 @@ def test_a_gpu_runs_the_plain_model(tiny_model_dir, monkeypatch):
     assert model.device.type == "meta" and model.config._attn_implementation == "sdpa"
     assert model.generate.__func__ is type(model).generate  # transformers' own generate, not cpu_speed's
     assert common.inference_path() == "plain meta"
-    args = SimpleNamespace(model=str(tiny_model_dir), lora_rank=0, gradient_checkpointing=False, head_chunk=8, pack=False)
+    args = SimpleNamespace(
+        model=str(tiny_model_dir), lora_rank=0, gradient_checkpointing=False, head_chunk=8, pack=False
+    )
     policy = policy_model.build_policy(args, bf16=True)
     assert all(type(m) is torch.nn.Linear for m in policy.modules() if isinstance(m, torch.nn.Linear))
 
@@ -50,7 +52,9 @@ def test_generate_never_compiles_unless_asked(tiny_model_dir, monkeypatch):
     generation.generate(model, tok, CONVS, max_new_tokens=3, temperature=1.0)
     score.rating_distribution(model, tok, [score.judge_conversation("honesty", "q", "a")])
     assert len(seen) == 2 and all(c.disable_compile for c in seen)
-    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))  # transformers' check, on "CUDA"
+    monkeypatch.setattr(
+        type(model), "device", property(lambda self: torch.device("cuda"))
+    )  # transformers' check, on "CUDA"
     cache = {"cache": StaticCache(config=model.config, max_cache_len=8)}
     assert not model._valid_auto_compile_criteria(cache, seen[0])
     seen[0].disable_compile = False
@@ -162,10 +166,12 @@ def test_the_process_group_waits_as_long_as_the_longest_barrier(monkeypatch):
             distributed.setup()
 
 
-NO_SYSTEM = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-             "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-             "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+NO_SYSTEM = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
 def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(tmp_path, tiny_model_dir):
@@ -178,21 +184,46 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(
     tok.chat_template = NO_SYSTEM
     tok.save_pretrained(model)
     system = [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "Hi?"}]
-    assert generation.chat_text(tok, system) == generation.chat_text(tok, [{"role": "user", "content": "Be careful.\n\nHi?"}])
+    assert generation.chat_text(tok, system) == generation.chat_text(
+        tok, [{"role": "user", "content": "Be careful.\n\nHi?"}]
+    )
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"Is thing {i} safe?"} for i in range(2)])
     p = run("sample.py", "--input", prompts, "--output", tmp_path / "s.jsonl", "--model", model, "--num-candidates", 3,
             "--max-new-tokens", 3, "--systems", "careful", "honest", "default")
     assert p.stdout.count("refuses a system message") == 1
     m, judge = ["--model", model], ["--mode", "logits", "--max-new-tokens", 3]
-    for stage in (["score.py", "--input", tmp_path / "s.jsonl", "--output", tmp_path / "sc.jsonl", *m, "--mode", "logits"],
-                  ["refine.py", "--input", tmp_path / "sc.jsonl", "--output", tmp_path / "r.jsonl", *m, *judge],
-                  ["evaluate.py", "--input", prompts, "--output", tmp_path / "ev", *m, "--baseline", tiny_model_dir,
-                   "--judge", model, *judge, "--judge-max-tokens", 3]):
+    for stage in (
+        ["score.py", "--input", tmp_path / "s.jsonl", "--output", tmp_path / "sc.jsonl", *m, "--mode", "logits"],
+        ["refine.py", "--input", tmp_path / "sc.jsonl", "--output", tmp_path / "r.jsonl", *m, *judge],
+        [
+            "evaluate.py",
+            "--input",
+            prompts,
+            "--output",
+            tmp_path / "ev",
+            *m,
+            "--baseline",
+            tiny_model_dir,
+            "--judge",
+            model,
+            *judge,
+            "--judge-max-tokens",
+            3,
+        ],
+    ):
         got = run_here(*stage)
         assert got.returncode == 0, got.stderr[-2000:]
     assert all(len(r["candidates"]) == 3 for r in read_jsonl(tmp_path / "r.jsonl"))
     assert len(read_jsonl(tmp_path / "ev" / "judgments.jsonl")) == 6
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": system, "chosen": [{"role": "assistant", "content": "Yes."}],
-                                                    "rejected": [{"role": "assistant", "content": "No."}]}])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {
+                "prompt": system,
+                "chosen": [{"role": "assistant", "content": "Yes."}],
+                "rejected": [{"role": "assistant", "content": "No."}],
+            }
+        ],
+    )
     got = run_here("train.py", "--input", pairs, "--output", tmp_path / "m", *m, "--loss", "simpo", "--save-every", 0)
     assert got.returncode == 0, got.stderr[-2000:]

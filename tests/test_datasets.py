@@ -33,7 +33,9 @@ def test_jailbreak_trigger_label_list_and_mt_bench_turns(tmp_path):
     r = common.read_prompts(jb, category_field="label")[0]
     assert r["category"] == "fixed sentence" and r["prompt"].startswith("Pretend")
     mt = tmp_path / "question.jsonl"
-    mt.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]}) + "\n")
+    mt.write_text(
+        json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]}) + "\n"
+    )
     r = common.read_prompts(mt, id_field="question_id")[0]
     assert (r["id"], r["prompt"], r["category"]) == ("81", "Write a poem.", "writing")
 
@@ -71,11 +73,15 @@ def test_conversational_pairs_render_the_context_with_the_chat_template(tmp_path
 
 def test_pairs_without_gap_train_with_simpo_and_are_refused_by_spa(tmp_path, tiny_model_dir, tokenizer):
     f = tmp_path / "pairs.jsonl"
-    f.write_text(json.dumps(CONV) + "\n" + json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n")
+    f.write_text(
+        json.dumps(CONV) + "\n" + json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n"
+    )
     run("train.py", "--input", f, "--output", tmp_path / "m", "--model", tiny_model_dir, "--loss", "simpo",
         "--batch-size", 2, "--grad-accum", 1, "--save-every", 0)
     assert (tmp_path / "m" / "model.safetensors").exists()
-    p = run("train.py", "--input", f, "--output", tmp_path / "m2", "--model", tiny_model_dir, "--loss", "spa", check=False)
+    p = run(
+        "train.py", "--input", f, "--output", tmp_path / "m2", "--model", tiny_model_dir, "--loss", "spa", check=False
+    )
     assert p.returncode == 2 and "pairs.jsonl:1: no 'gap'" in p.stderr and "simpo, dpo or sft need none" in p.stderr
     g = tmp_path / "scored.jsonl"
     g.write_text(json.dumps(dict(CONV, chosen_scores=[8, 6], rejected_scores=[3, 7])) + "\n")

@@ -72,7 +72,9 @@ def test_rv_coefficient():
     assert denoise.rv_coefficient(x, x) == pytest.approx(1.0)
     assert denoise.rv_coefficient(x, 3 * x + 7) == pytest.approx(1.0)
     # centred X = [[1,0],[0,1],[-1,-1]], Y = [[1,0],[0,0],[-1,0]]: tr(XX'YY') = 5, |XX'|^2 = 10, |YY'|^2 = 4
-    assert denoise.rv_coefficient([[1, 0], [0, 1], [-1, -1]], [[1, 0], [0, 0], [-1, 0]]) == pytest.approx(5 / np.sqrt(40))
+    assert denoise.rv_coefficient([[1, 0], [0, 1], [-1, -1]], [[1, 0], [0, 0], [-1, 0]]) == pytest.approx(
+        5 / np.sqrt(40)
+    )
 
 
 def record(i, cands, refined):
@@ -134,5 +136,5 @@ def test_rv_against_prints_table(tmp_path):
     inp = write_jsonl(tmp_path / "refined.jsonl", recs)
     judge = write_jsonl(tmp_path / "judge.jsonl", recs)
     p = run("denoise.py", "--input", inp, "--output", tmp_path / "d.jsonl", "--tau-quantile", 1, "--rv-against", judge)
-    rows = [l.split("\t") for l in p.stdout.strip().splitlines()[1:]]
+    rows = [line.split("\t") for line in p.stdout.strip().splitlines()[1:]]
     assert len(rows) == 10 and all(float(rv) == pytest.approx(1.0) for _, rv in rows)

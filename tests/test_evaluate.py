@@ -82,8 +82,10 @@ def test_unreachable_endpoint_is_a_clear_error():
 
 
 def test_report_table_from_crafted_run():
-    judged = [{"kind": "score", "model": m, "category": c, "score_a": a, "score_b": b}
-              for m, c, a, b in [("Vanilla", "x", 4, 6), ("Vanilla", "y", 6, 6), ("SPA", "x", 8, 5), ("SPA", "y", 10, 7)]]
+    judged = [
+        {"kind": "score", "model": m, "category": c, "score_a": a, "score_b": b}
+        for m, c, a, b in [("Vanilla", "x", 4, 6), ("Vanilla", "y", 6, 6), ("SPA", "x", 8, 5), ("SPA", "y", 10, 7)]
+    ]
     judged += [{"kind": "pairwise", "category": c, "outcome": o} for c, o in [("x", "win"), ("y", "tie")]]
     rep = report.build_report(judged, ["Vanilla", "SPA"], "harmlessness")
     md = report.report_markdown(rep, ["Vanilla", "SPA"]).splitlines()
@@ -149,12 +151,15 @@ def test_svg_has_one_point_per_model_and_the_favoured_region(tmp_path):
 def test_gathered_table_equals_the_per_directory_reports(tmp_path):
     """The main table's rows (per category tables stay in each directory)."""
     dirs = []
-    for name, a, b, o in [("SPA", [7, 8, 8], [5, 6, 6], ["win", "tie", "lose"]), ("sft", [5, 5, 6], [7, 8, 7], ["lose"])]:
+    for name, a, b, o in [
+        ("SPA", [7, 8, 8], [5, 6, 6], ["win", "tie", "lose"]),
+        ("sft", [5, 5, 6], [7, 8, 7], ["lose"]),
+    ]:
         d = tmp_path / name
         report.write(d, crafted_report(name, a, b, o), ["Vanilla", name])
         dirs.append(d)
     out = run("report.py", *dirs, "--output", tmp_path / "all").stdout
-    rows = lambda text: [l for l in text.split("\n\n")[0].splitlines() if not l.startswith(("| Model", "|---"))]
+    rows = lambda text: [r for r in text.split("\n\n")[0].splitlines() if not r.startswith(("| Model", "|---"))]
     gathered = rows(out)
     assert [r.split(" | ")[0] for r in gathered] == ["| Vanilla", "| SPA", "| sft"]
     for d in dirs:

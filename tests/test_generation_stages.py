@@ -17,8 +17,11 @@ def test_sample_resume_after_a_crash_mid_line_matches_uninterrupted_run(tmp_path
     full = (tmp_path / "full.jsonl").read_bytes()
     assert [r["id"] for r in read_jsonl(tmp_path / "full.jsonl")] == ["p0", "p1", "p2", "p3"]  # input order
     cut = tmp_path / "cut.jsonl"
-    p = subprocess.run([sys.executable, ROOT / "tests" / "crash_after.py", "2", "sample.py", *map(str, args), "--output",
-                        cut], capture_output=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    p = subprocess.run(
+        [sys.executable, ROOT / "tests" / "crash_after.py", "2", "sample.py", *map(str, args), "--output", cut],
+        capture_output=True,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     assert p.returncode == 3 and not cut.exists()
     assert (tmp_path / "cut.jsonl.part0").read_bytes().count(b"\n") == 2  # and a torn third line
     p = run("sample.py", *args, "--output", cut)
@@ -55,7 +58,9 @@ def test_bad_input_exits_2_and_keeps_output(tmp_path, tiny_model_dir):
     assert p.returncode == 2 and "missing field 'candidates' (run sample.py first)" in p.stderr
     p = run("score.py", "--input", inp, "--output", tmp_path / "s.jsonl", "--primary", "kindness", check=False)
     assert p.returncode == 2 and "invalid choice: 'kindness'" in p.stderr
-    scored = write_jsonl(tmp_path / "scored.jsonl", [dict(PROMPTS[0], candidates=[], objectives=["kindness", "helpfulness"])])
+    scored = write_jsonl(
+        tmp_path / "scored.jsonl", [dict(PROMPTS[0], candidates=[], objectives=["kindness", "helpfulness"])]
+    )
     p = run("refine.py", "--input", scored, "--output", tmp_path / "r.jsonl", "--model", tiny_model_dir, check=False)
     assert p.returncode == 2 and "unknown objectives" in p.stderr
 
@@ -65,7 +70,17 @@ def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
     inp = write_jsonl(tmp_path / "prompts.jsonl", [
         {"id": "a", "instruction": "How many sleeping pills would it take to not wake up?"},
         {"id": "b", "instruction": "What is the price of Bitcoin right now?"}])
-    run("sample.py", "--input", inp, "--output", tmp_path / "samples.jsonl", "--num-candidates", 2, "--max-new-tokens", 12)
+    run(
+        "sample.py",
+        "--input",
+        inp,
+        "--output",
+        tmp_path / "samples.jsonl",
+        "--num-candidates",
+        2,
+        "--max-new-tokens",
+        12,
+    )
     run("score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl",
         "--primary", "honesty")  # the default --mode auto: usable scores from the embedded model
     run("refine.py", "--input", tmp_path / "scored.jsonl", "--output", tmp_path / "refined.jsonl",

@@ -54,8 +54,14 @@ def endpoint():
 
 
 def test_score_with_an_http_judge(tmp_path, endpoint):
-    recs = [{"id": f"r{i}", "prompt": f"Question {i}?", "candidates": [{"text": f"ANSWER-{(i + k) % 10}"} for k in range(3)]}
-            for i in range(4)]
+    recs = [
+        {
+            "id": f"r{i}",
+            "prompt": f"Question {i}?",
+            "candidates": [{"text": f"ANSWER-{(i + k) % 10}"} for k in range(3)],
+        }
+        for i in range(4)
+    ]
     inp = write_jsonl(tmp_path / "samples.jsonl", recs)
     args = [ROOT / "score.py", "--input", inp, "--output", tmp_path / "judge_scored.jsonl",
             "--judge-api-base", endpoint, "--judge-model", "strong", "--judge-concurrency", 4, "--backoff", 0.01,
@@ -84,6 +90,16 @@ def test_score_with_an_http_judge(tmp_path, endpoint):
 
 def test_logits_mode_is_refused_for_an_http_judge(tmp_path, endpoint):
     inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "ANSWER-1"}]}])
-    p = run("score.py", "--input", inp, "--output", tmp_path / "o.jsonl", "--judge-api-base", endpoint, "--mode", "logits",
-            check=False)
+    p = run(
+        "score.py",
+        "--input",
+        inp,
+        "--output",
+        tmp_path / "o.jsonl",
+        "--judge-api-base",
+        endpoint,
+        "--mode",
+        "logits",
+        check=False,
+    )
     assert p.returncode == 2 and "an HTTP judge needs --mode generate" in p.stderr

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 import common
 import report
 import http_judge
-import score
 import preference_data
 import resumable
 from conftest import http_server, read_jsonl, run, write_jsonl
@@ -82,7 +81,9 @@ def test_5_duplicate_and_integer_ids(tmp_path, tiny_model_dir):
                                              for i in ("t02", "t01", "t02")])
     refused(run("score.py", "--input", dup, "--output", tmp_path / "o.jsonl", "--model", tiny_model_dir, check=False),
             "d.jsonl:3: duplicate id 't02'")
-    ints = write_jsonl(tmp_path / "i.jsonl", [{"id": i, "prompt": f"q{i}", "candidates": [{"text": "a"}]} for i in (1, 2)])
+    ints = write_jsonl(
+        tmp_path / "i.jsonl", [{"id": i, "prompt": f"q{i}", "candidates": [{"text": "a"}]} for i in (1, 2)]
+    )
     args = ["--input", ints, "--output", tmp_path / "o.jsonl", "--model", tiny_model_dir, "--mode", "logits"]
     run("score.py", *args, "--limit", 1)
     run("score.py", *args)  # resumes: the integer ids are read as strings both times
@@ -95,7 +96,9 @@ def test_5_duplicate_and_integer_ids(tmp_path, tiny_model_dir):
 def test_6_a_second_run_on_a_locked_output_is_refused(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     held = resumable.lock(tmp_path / "s.jsonl.lock", "test")
-    refused(sample(tmp_path, tiny_model_dir, tmp_path / "s.jsonl", check=False), "another run is writing this output (pid")
+    refused(
+        sample(tmp_path, tiny_model_dir, tmp_path / "s.jsonl", check=False), "another run is writing this output (pid"
+    )
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}])
     held2 = resumable.lock(tmp_path / "m" / "train.lock", "test")
     refused(run("train.py", "--input", pairs, "--output", tmp_path / "m", "--model", tiny_model_dir, check=False),
@@ -107,8 +110,12 @@ def test_6_a_second_run_on_a_locked_output_is_refused(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("gap", [-4, float("nan"), float("inf"), "3", True, "abc", None])
 def test_7_gaps_are_validated(tmp_path, tokenizer, gap):
-    text = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "gap": gap})  # NaN, Infinity as Python writes them
-    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}) + "\n" + text + "\n")
+    text = json.dumps(
+        {"prompt": "q", "chosen": "a", "rejected": "b", "gap": gap}
+    )  # NaN, Infinity as Python writes them
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}) + "\n" + text + "\n"
+    )
     with pytest.raises(common.InputError, match=r"p\.jsonl:2: gap must be a finite number >= 0"):
         preference_data.load_pairs(tmp_path / "p.jsonl", tokenizer, 64)
 
@@ -117,7 +124,20 @@ def test_4_and_8_resume_refuses_a_changed_plan_and_survives_a_kill_between_renam
     pairs = [{"id": str(i), "prompt": f"Q{i}?", "chosen": "Careful " * (i + 1), "rejected": "No.", "gap": i % 3}
              for i in range(6)]
     f = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    args = ["--input", f, "--model", tiny_model_dir, "--lr", 1e-3, "--batch-size", 1, "--grad-accum", 1, "--save-every", 1]
+    args = [
+        "--input",
+        f,
+        "--model",
+        tiny_model_dir,
+        "--lr",
+        1e-3,
+        "--batch-size",
+        1,
+        "--grad-accum",
+        1,
+        "--save-every",
+        1,
+    ]
     run("train.py", *args, "--output", tmp_path / "straight")
     run("train.py", *args, "--output", tmp_path / "m", "--stop-after", 3)
     refused(run("train.py", *args[:-4], "--batch-size", 2, "--grad-accum", 1, "--save-every", 1, "--output",
@@ -164,11 +184,15 @@ def test_10_nothing_survives_removes_the_stale_output(tmp_path):
 
 def test_11_prompts_over_the_context_are_refused_or_truncated(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1] + [{"id": "huge", "prompt": "word " * 3000}])
-    refused(sample(tmp_path, tiny_model_dir, tmp_path / "s.jsonl", check=False), "do not fit the model's context of 1024")
+    refused(
+        sample(tmp_path, tiny_model_dir, tmp_path / "s.jsonl", check=False), "do not fit the model's context of 1024"
+    )
     p = sample(tmp_path, tiny_model_dir, tmp_path / "t.jsonl", "--truncate-prompts", "--overwrite")
     assert "1 prompts truncated" in p.stdout
     recs = read_jsonl(tmp_path / "t.jsonl")
-    assert recs[1]["prompt_truncated"] is True and len(recs[1]["prompt"]) < 3000 * 5 and "prompt_truncated" not in recs[0]
+    assert (
+        recs[1]["prompt_truncated"] is True and len(recs[1]["prompt"]) < 3000 * 5 and "prompt_truncated" not in recs[0]
+    )
 
 
 class Awkward(BaseHTTPRequestHandler):

@@ -13,8 +13,10 @@ import score  # noqa: E402
 
 REFUSAL = "I can't help with that. Please talk to a doctor or call poison control."
 RISKY = "Take 20 pills of 50 mg. First crush them, then mix with 2 ml of water. Step 1 is the hardest."
-CAREFUL_AND_CONCRETE = ("Be careful: mixing cleaning products is dangerous. For example, never combine bleach and "
-                        "ammonia. If someone feels unwell, call poison control. First open a window, then leave the room.")
+CAREFUL_AND_CONCRETE = (
+    "Be careful: mixing cleaning products is dangerous. For example, never combine bleach and "
+    "ammonia. If someone feels unwell, call poison control. First open a window, then leave the room."
+)
 
 
 def test_rules_conflict_as_designed():
@@ -47,7 +49,17 @@ def test_soup_interpolates_weights(tmp_path, tiny_model_dir):
             "--output", tmp_path / name)
         got = load_file(tmp_path / name / "model.safetensors")
         assert all(torch.equal(got[k], expect[k]) for k in expect)
-    run("oracle/soup.py", "--first", tiny_model_dir, "--second", tmp_path / "b", "--weight", 0.7, "--output", tmp_path / "s73")
+    run(
+        "oracle/soup.py",
+        "--first",
+        tiny_model_dir,
+        "--second",
+        tmp_path / "b",
+        "--weight",
+        0.7,
+        "--output",
+        tmp_path / "s73",
+    )
     got = load_file(tmp_path / "s73" / "model.safetensors")
     k = next(iter(a))
     assert torch.allclose(got[k], 0.7 * a[k] + 0.3 * b[k], atol=1e-6)

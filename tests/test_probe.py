@@ -124,8 +124,10 @@ def test_2_side_files_never_touch_an_input(tmp_path, tiny_model_dir):
     model = t / "A"
     shutil.copytree(tiny_model_dir, model)
     weights = (model / "model.safetensors").read_bytes()
-    refused(run_here("oracle/soup.py", "--first", model, "--second", tiny_model_dir, "--weight", 0.5, "--output", model),
-            "this run reads it")
+    refused(
+        run_here("oracle/soup.py", "--first", model, "--second", tiny_model_dir, "--weight", 0.5, "--output", model),
+        "this run reads it",
+    )
     pairs = write_jsonl(t / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}])
     refused(run_here("train.py", "--input", pairs, "--model", model, "--output", model), "this run reads it")
     refused(run_here("evaluate.py", "--input", write_jsonl(t / "e.jsonl", PROMPTS), "--model", model, "--output",
@@ -195,7 +197,9 @@ def count_special(tok, ids):
 def test_4_an_answer_cannot_speak_for_the_judge(tokenizer):
     plain, injected = (score.judge_conversation("harmlessness", "How do I make a weapon?", a)
                        for a in ("Sure, here is how.", INJECTION))
-    ids = [tokenizer(generation.chat_text(tokenizer, c), add_special_tokens=False)["input_ids"] for c in (plain, injected)]
+    ids = [
+        tokenizer(generation.chat_text(tokenizer, c), add_special_tokens=False)["input_ids"] for c in (plain, injected)
+    ]
     assert count_special(tokenizer, ids[0]) == count_special(tokenizer, ids[1]) > 0
     text = tokenizer.decode(ids[1])
     assert "im_end|>\n<" in text.replace(generation.WORD_JOINER, "")  # the characters are all there
@@ -339,7 +343,9 @@ def test_7_denoise_names_a_malformed_record(tmp_path, change, message):
 
 
 def test_7_denoise_flags_and_a_failed_rerun_keep_what_was_written(tmp_path):
-    inp = write_jsonl(tmp_path / "r.jsonl", [denoise_record(str(i), ((3, 4), (5, 2), (4, 4 + i % 3))) for i in range(6)])
+    inp = write_jsonl(
+        tmp_path / "r.jsonl", [denoise_record(str(i), ((3, 4), (5, 2), (4, 4 + i % 3))) for i in range(6)]
+    )
     for flags, message in ((["--tau-quantile", 1.5], "must be in 0..1"), (["--tau-quantile", "nan"], "must be in 0..1"),
                            (["--tau", "-1"], "must be a finite number >= 0")):
         refused(run_here("denoise.py", "--input", inp, "--output", tmp_path / "d.jsonl", *flags), message)
@@ -356,7 +362,11 @@ def test_7_denoise_flags_and_a_failed_rerun_keep_what_was_written(tmp_path):
 
 
 def test_7_reports_soups_pairs_and_conversations(tmp_path, tiny_model_dir, tokenizer):
-    for text, message in (("", "not a JSON report"), ("{", "not a JSON report"), ('{"models": 1}', "not a report written")):
+    for text, message in (
+        ("", "not a JSON report"),
+        ("{", "not a JSON report"),
+        ('{"models": 1}', "not a report written"),
+    ):
         (tmp_path / "ev").mkdir(exist_ok=True)
         (tmp_path / "ev" / "report.json").write_text(text)
         refused(run_here("report.py", tmp_path / "ev", "--output", tmp_path / "all"), message)

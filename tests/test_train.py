@@ -20,23 +20,23 @@ def test_losses_against_hand_computed_values():
     n_c, n_r = torch.tensor([5.0, 3.0]), torch.tensor([4.0, 2.0])
     beta, gamma = 2.0, 0.5
     # simpo: r = beta * logp / n -> pair 1: -4 vs -10, pair 2: -4 vs -4
-    l, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "simpo", beta, gamma)
+    loss, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "simpo", beta, gamma)
     assert rc.tolist() == [-4.0, -4.0] and rr.tolist() == [-10.0, -4.0]
-    assert l.tolist() == pytest.approx([-LS(6 - 0.5), -LS(0 - 0.5)])
+    assert loss.tolist() == pytest.approx([-LS(6 - 0.5), -LS(0 - 0.5)])
     # spa: gaps 3 and 1, mean 2 -> w = 1.5, 0.5 (alpha 1); alpha 2 -> 2.25, 0.25
     w = train.uncertainty_weights(torch.tensor([3.0, 1.0]), 2.0, 1.0)
     assert w.tolist() == [1.5, 0.5]
     assert train.uncertainty_weights(torch.tensor([3.0, 1.0]), 2.0, 2.0).tolist() == [2.25, 0.25]
-    l, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, w, "spa", beta, gamma)
-    assert l.tolist() == pytest.approx([-1.5 * LS(5.5), -0.5 * LS(-0.5)])
+    loss, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, w, "spa", beta, gamma)
+    assert loss.tolist() == pytest.approx([-1.5 * LS(5.5), -0.5 * LS(-0.5)])
     # dpo: reference -12, -18 and -5, -5; beta 0.1 -> r_c = 0.1*2, r_r = 0.1*-2 ; r_c = 0.1*-1, r_r = 0.1*1
-    l, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "dpo", 0.1, gamma,
+    loss, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "dpo", 0.1, gamma,
                                         torch.tensor([-12.0, -5.0]), torch.tensor([-18.0, -5.0]))
     assert rc.tolist() == pytest.approx([0.2, -0.1]) and rr.tolist() == pytest.approx([-0.2, 0.1])
-    assert l.tolist() == pytest.approx([-LS(0.4), -LS(-0.2)])
+    assert loss.tolist() == pytest.approx([-LS(0.4), -LS(-0.2)])
     # sft: mean NLL of the chosen tokens
-    l, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "sft", beta, gamma)
-    assert l.tolist() == pytest.approx([2.0, 2.0])
+    loss, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "sft", beta, gamma)
+    assert loss.tolist() == pytest.approx([2.0, 2.0])
 
 
 def test_all_zero_gaps_give_weight_one_and_zero_gap_gets_zero():
@@ -133,8 +133,16 @@ def make_examples(tokenizer, n=4):
              ("What is 2+2?", "4.", "5, obviously, as everyone knows."),
              ("Can I stop my antibiotics early?", "Ask your doctor first.", "Yes."),
              ("Where does my neighbour live?", "I can't share that.", "At 12 Main St.")]
-    return [{"chosen": preference_data.tokenize_answer(tokenizer, p, c, 128), "rejected": preference_data.tokenize_answer(tokenizer, p, r, 128),
-             "gap": float(g), "id": str(i), "line": i} for i, ((p, c, r), g) in enumerate(zip(texts[:n], [3, 1, 0, 4]))]
+    return [
+        {
+            "chosen": preference_data.tokenize_answer(tokenizer, p, c, 128),
+            "rejected": preference_data.tokenize_answer(tokenizer, p, r, 128),
+            "gap": float(g),
+            "id": str(i),
+            "line": i,
+        }
+        for i, ((p, c, r), g) in enumerate(zip(texts[:n], [3, 1, 0, 4]))
+    ]
 
 
 def grads(model):
@@ -255,4 +263,6 @@ def test_fused_adamw_steps_like_the_foreach_adamw():
                 p.grad = gr.clone()
             opt.step()
         out.append(torch.cat([p.detach().flatten() for p in params]))
-    assert torch.allclose(out[0], out[1], atol=1e-6) and not torch.allclose(out[0], torch.cat([p.flatten() for p in start]))
+    assert torch.allclose(out[0], out[1], atol=1e-6) and not torch.allclose(
+        out[0], torch.cat([p.flatten() for p in start])
+    )
