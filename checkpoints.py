@@ -9,6 +9,7 @@ world size: the plan check says so. A new checkpoint is written to checkpoint.tm
 renamed over the old one; a crash between the renames leaves a complete checkpoint.old or
 checkpoint.tmp, which loading falls back to.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -19,8 +20,36 @@ from torch.distributed.tensor import DTensor
 
 import common
 import distributed
+import jsonl
 
 STATE = "trainer_state.json"
+MAY_CHANGE_ON_RESUME = ("input", "limit", "output", "resume", "overwrite", "stop_after", "save_every", "eval_input",
+                        "eval_every")  # the pairs themselves are checked by their digest
+
+
+def plan_info(args, examples, n_steps):
+    """What a checkpoint must match to be resumed: the pairs, the starting model's files, how
+    the CPU path runs, and every flag that shapes the steps (all but MAY_CHANGE_ON_RESUME)."""
+    digest = hashlib.sha1(json.dumps([(e["chosen"], e["rejected"], e["gap"]) for e in examples]).encode()).hexdigest()
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+    return {
+        "pairs": digest,
+        "steps": n_steps,
+        "world_size": distributed.WORLD,
+        "weights": common.model_fingerprint(args.model),
+        "cpu_speed": common.cpu_speed_module() is not None,
+        **flags,
+    }
+
+
+def check_output(out, args):
+    """Refuse to train over a finished model, or over a checkpoint without --resume/--overwrite."""
+    if out.exists() and not out.is_dir():
+        raise common.InputError(f"{out}: --output is a file; it must be a directory")
+    if (out / "config.json").exists() and not args.resume:
+        raise common.InputError(f"{out}: already holds a trained model; choose another --output")
+    if not args.resume and not args.overwrite and find_checkpoint(out):
+        raise common.InputError(f"{out}: holds a checkpoint; continue it with --resume or start again with --overwrite")
 
 
 def local(t):
@@ -50,7 +79,7 @@ def save_checkpoint(out, named_params, opt, sched, step, plan_info):
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
         state = {"step": step, "world_size": distributed.WORLD, "plan": plan_info, "scheduler": sched.state_dict(),
                  "param_groups": groups}
-        common.write_atomic(tmp / STATE, json.dumps(state) + "\n")
+        jsonl.write_atomic(tmp / STATE, json.dumps(state) + "\n")
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -139,7 +168,7 @@ def save_final(out, lm, state_dict, tok, config):
     lm.config.use_cache = True
     lm.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)
-    common.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
+    jsonl.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import jsonl
 
 REASONS = ("kept", "unscored", "inconsistent", "degenerate", "unstable")
 
@@ -143,7 +144,7 @@ def second_judge(path, records):
     list aligned with records, each [(a, b)] per candidate or None where the file lacks the id."""
     index = {r["id"]: i for i, r in enumerate(records)}
     theirs = [None] * len(records)
-    for _, where, rec in common.stream_jsonl(path):
+    for _, where, rec in jsonl.stream_jsonl(path):
         i = index.get(str(rec.get("id")))
         if i is None:
             continue
@@ -197,7 +198,7 @@ def main():
     common.refuse_overlap(reads=[args.input, args.rv_against],
                           writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))])
 
-    records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
+    records = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     check_scored(args.input, records)
     theirs = second_judge(args.rv_against, records) if args.rv_against else None
     scores = [scores_of(r) for r in records]
@@ -217,7 +218,7 @@ def main():
             print(f"{frac:.1f}\t{rv:.4f}")
     if summary["kept"] == 0:
         out.unlink(missing_ok=True)  # no stale output beside a summary that says "kept 0"
-        common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         worst = max(REASONS[1:], key=lambda r: summary[r])
         hint = {"unscored": "the judge's answers could not be read: try score.py --mode logits",
                 "inconsistent": "try --no-consistency, or a stronger refinement",
@@ -226,8 +227,8 @@ def main():
                 "unstable": "raise --tau or --tau-quantile"}[worst]
         raise common.InputError(f"{args.input}: no prompt survives; most were dropped as {worst} "
                                 f"({summary[worst]} of {len(records)}): {hint}")
-    common.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(records, dets, why) if w == "kept"])
-    common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    jsonl.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(records, dets, why) if w == "kept"])
+    jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

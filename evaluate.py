@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 import common
+import jsonl
 import distributed
 import generation
 import report
@@ -90,7 +91,7 @@ def generate_responses(path, prompts, models, args):
                 out.write([dict(r, response=t) for r, t in zip(batch, texts)])
             judge = (model, tok) if model_path == judge_path else None  # any other model is freed here
             del model
-    return {r["id"]: r for r in (rec for _, _, rec in common.read_jsonl(path))}, judge
+    return {r["id"]: r for r in (rec for _, _, rec in jsonl.read_jsonl(path))}, judge
 
 
 def judge_all(path, responses, models, args, loaded=None):
@@ -127,7 +128,7 @@ def judge_all(path, responses, models, args, loaded=None):
                 first, second = both[:len(batch)], both[len(batch):]
                 out.write([dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
                                 outcome=pairwise_outcome(f, s)) for w, f, s in zip(batch, first, second)])
-    return [rec for _, _, rec in common.read_jsonl(path)]
+    return [rec for _, _, rec in jsonl.read_jsonl(path)]
 
 
 def main():
@@ -151,7 +152,7 @@ def main():
     common.add_compile_arg(p)
     args = p.parse_args()
 
-    prompts = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
+    prompts = jsonl.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
     for m in filter(None, [args.model, args.baseline]):
         common.resolve_model(m)  # a missing directory fails here, before any work
     name = args.name or Path(args.model.rstrip("/")).name

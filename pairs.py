@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import common
+import jsonl
 from denoise import check_scored, non_negative
 
 
@@ -89,7 +90,7 @@ def main():
     common.refuse_overlap(reads=[args.input],
                           writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))])
 
-    records = common.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
+    records = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     try:
         check_scored(args.input, records, nullable=False)
     except common.InputError as e:
@@ -102,11 +103,11 @@ def main():
     print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
     if not pairs:
         out.unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
-        common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         raise common.InputError(f"{args.input}: no pair has a margin of at least --delta {args.delta}; "
                                 "lower --delta")
-    common.write_jsonl_atomic(out, pairs)
-    common.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    jsonl.write_jsonl_atomic(out, pairs)
+    jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

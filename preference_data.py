@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import common
+import jsonl
 import generation
 
 
@@ -98,7 +99,7 @@ def load_pairs(path, tok, max_length, limit=None, need_gap=True):
     if Path(path).is_file() and not Path(path).read_text(encoding="utf-8", errors="replace").strip():
         raise common.InputError(f"{path}: no pairs: denoising or the margin removed everything "
                                 "(loosen denoise.py --tau-quantile or pairs.py --delta)")
-    rows = common.read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    rows = jsonl.read_jsonl(path, required=("prompt", "chosen", "rejected"))
     examples, dropped = [], {"prompt_too_long": 0, "empty_answer": 0}
     for n, where, rec in rows[:limit] if limit else rows:
         prompt, chosen, rejected = conversation_parts(where, rec)

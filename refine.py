@@ -12,6 +12,7 @@ Adds refined = {"text", "score_a", "score_b"} to each record.
 import argparse
 
 import common
+import jsonl
 import generation
 import score
 from resumable import Output
@@ -55,7 +56,7 @@ def main():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     args = p.parse_args()
 
-    records = common.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
+    records = jsonl.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
     score.check_candidates(args.input, records)
     objectives = check_objectives(args.input, records)
     settings = dict(

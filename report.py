@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 import common
+import jsonl
 
 LAMBDAS = (5, 10, 20)
 
@@ -176,9 +177,9 @@ def write(out_dir, report, names):
     """report.json, report.md (linking the picture) and result.svg into out_dir; returns the table."""
     out_dir = Path(out_dir)
     table = report_markdown(report, names)
-    common.write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    common.write_atomic(out_dir / "result.svg", svg(report, names))
-    common.write_atomic(out_dir / "report.md", table + "\n![primary against helpfulness](result.svg)\n")
+    jsonl.write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    jsonl.write_atomic(out_dir / "result.svg", svg(report, names))
+    jsonl.write_atomic(out_dir / "report.md", table + "\n![primary against helpfulness](result.svg)\n")
     return table
 
 

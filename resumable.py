@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 import common
+import jsonl
 import distributed
 
 
@@ -162,7 +163,7 @@ class Output:
             if changed:
                 return (f"{self.path}: input record(s) {', '.join(changed[:5])} changed since the output was "
                         "started; use --overwrite or another --output")
-        common.write_atomic(self.meta, json.dumps({"settings": settings, "inputs": fps}, ensure_ascii=False) + "\n")
+        jsonl.write_atomic(self.meta, json.dumps({"settings": settings, "inputs": fps}, ensure_ascii=False) + "\n")
         return None
 
     def _existing(self):
@@ -205,7 +206,7 @@ class Output:
         missing = [r["id"] for r in self.inputs if r["id"] not in by_id]
         if missing:
             raise common.InputError(f"{self.path}: records {missing[:5]} are missing after every rank finished")
-        common.write_jsonl_atomic(self.path, [by_id[r["id"]] for r in self.inputs])
+        jsonl.write_jsonl_atomic(self.path, [by_id[r["id"]] for r in self.inputs])
         for p in self._parts():
             p.unlink()
 

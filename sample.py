@@ -15,6 +15,7 @@ import argparse
 import json
 
 import common
+import jsonl
 import distributed
 import generation
 from resumable import Output
@@ -90,7 +91,7 @@ def main():
         truncate_prompts=args.truncate_prompts,
     )
 
-    records = common.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
+    records = jsonl.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
     cut = 0
     if args.truncate_prompts:
         tok = common.load_tokenizer(args.model)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import common
+import jsonl
 import distributed
 import generation
 import http_judge
@@ -221,7 +222,7 @@ def main():
     args = p.parse_args()
     objectives = [args.primary, "helpfulness"]
 
-    records = common.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
+    records = jsonl.read_records(args.input, ["candidates"], args.limit, "run sample.py first")
     check_candidates(args.input, records)
     name = args.judge or args.model
     reads = [args.input, None if args.judge_api_base else common.model_folder(name)]

@@ -22,8 +22,6 @@ make the same steps as 1 rank x batch N*B. The output directory gets save_pretra
 row per optimizer step); while training it also holds checkpoint/ for --resume.
 """
 import argparse
-import hashlib
-import json
 import math
 import shutil
 import sys
@@ -38,7 +36,7 @@ import checkpoints
 import common
 import distributed
 import lora
-import plots
+import metrics_log
 import policy_model
 import preference_data
 import resumable
@@ -267,35 +265,6 @@ def parse_args(argv=None):
     return args
 
 
-MAY_CHANGE_ON_RESUME = ("input", "limit", "output", "resume", "overwrite", "stop_after", "save_every", "eval_input",
-                        "eval_every")  # the pairs themselves are checked by their digest
-
-
-def plan_info(args, examples, n_steps):
-    """What a checkpoint must match to be resumed: the pairs, the starting model's files, how
-    the CPU path runs, and every flag that shapes the steps (all but MAY_CHANGE_ON_RESUME)."""
-    digest = hashlib.sha1(json.dumps([(e["chosen"], e["rejected"], e["gap"]) for e in examples]).encode()).hexdigest()
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
-    return {
-        "pairs": digest,
-        "steps": n_steps,
-        "world_size": distributed.WORLD,
-        "weights": common.model_fingerprint(args.model),
-        "cpu_speed": common.cpu_speed_module() is not None,
-        **flags,
-    }
-
-
-def check_output(out, args):
-    """Refuse to train over a finished model, or over a checkpoint without --resume/--overwrite."""
-    if out.exists() and not out.is_dir():
-        raise common.InputError(f"{out}: --output is a file; it must be a directory")
-    if (out / "config.json").exists() and not args.resume:
-        raise common.InputError(f"{out}: already holds a trained model; choose another --output")
-    if not args.resume and not args.overwrite and checkpoints.find_checkpoint(out):
-        raise common.InputError(f"{out}: holds a checkpoint; continue it with --resume or start again with --overwrite")
-
-
 def dpo_reference(out, policy, examples, eval_examples, args, pad_id):
     """Reference log-probs for dpo, of the training and the held-out pairs, computed once by the
     starting model and kept (safetensors) for --resume; (None, None) with LoRA or another loss."""
@@ -329,7 +298,7 @@ def main(argv=None):
     common.refuse_overlap(reads=[args.input, args.eval_input, common.model_folder(args.model)], writes=[out])
     tok = common.load_tokenizer(args.model)
     examples, held_out, dropped = load_data(args, tok)
-    check_output(out, args)
+    checkpoints.check_output(out, args)
     held = resumable.lock(out / "train.lock", out)  # one run per output directory
     try:
         fit(args, out, tok, examples, held_out, dropped)
@@ -351,12 +320,12 @@ def fit(args, out, tok, examples, held_out, dropped):
     plan = preference_data.make_plan(
         examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed
     )
-    info = plan_info(args, examples, len(plan))
+    info = checkpoints.plan_info(args, examples, len(plan))
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
     start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
-    metrics = Metrics(out / "metrics.jsonl", start)
+    metrics = metrics_log.Metrics(out / "metrics.jsonl", start)
     zero_gap = sum(e["gap"] == 0 for e in examples)
     n_train = sum(p.numel() for _, p in named)
     common.log(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
@@ -416,25 +385,6 @@ def fit(args, out, tok, examples, held_out, dropped):
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     distributed.barrier()
     common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
-
-
-class Metrics:
-    """metrics.jsonl (a row per optimizer step, eval_* where held-out pairs were evaluated; a row
-    of step 0 for the evaluation before training) and its picture metrics.svg, rank 0 only. On
-    --resume the rows after the checkpoint's step are dropped."""
-
-    def __init__(self, path, start):
-        self.path = path
-        if distributed.is_main():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-                if start and path.exists() else []
-            common.write_atomic(path, "".join(line + "\n" for line in kept))
-
-    def write(self, row):
-        if distributed.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plots.write_training_svg(self.path, self.path.with_suffix(".svg"))
 
 
 if __name__ == "__main__":

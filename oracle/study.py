@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import jsonl  # noqa: E402
 import report  # noqa: E402
 
 VARIANTS = ("spa", "simpo", "reverse", "nodenoise")
@@ -30,10 +31,10 @@ NAMES = {"spa": "SPA", "simpo": "SPA, w = 1 (simpo)", "reverse": "reverse priori
 
 
 def split(refined, val_prompts, out_train, out_val):
-    val = {r["id"] for _, _, r in common.read_jsonl(val_prompts)}
-    rows = [r for _, _, r in common.read_jsonl(refined)]
-    common.write_jsonl_atomic(out_train, [r for r in rows if r["id"] not in val])
-    common.write_jsonl_atomic(out_val, [r for r in rows if r["id"] in val])
+    val = {r["id"] for _, _, r in jsonl.read_jsonl(val_prompts)}
+    rows = [r for _, _, r in jsonl.read_jsonl(refined)]
+    jsonl.write_jsonl_atomic(out_train, [r for r in rows if r["id"] not in val])
+    jsonl.write_jsonl_atomic(out_val, [r for r in rows if r["id"] in val])
 
 
 def bootstrap(cells, n=2000, seed=0):
@@ -44,12 +45,12 @@ def bootstrap(cells, n=2000, seed=0):
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def jsonl(path):
+def rows_of(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def link_pairs(path):
-    ps = jsonl(path)
+    ps = rows_of(path)
     d = np.array([[p["chosen_scores"][0] - p["rejected_scores"][0], p["chosen_scores"][1] - p["rejected_scores"][1]]
                   for p in ps], dtype=float)
     return {"pairs": len(ps), "primary_higher": float((d[:, 0] > 0).mean()), "d_primary": float(d[:, 0].mean()),
@@ -57,7 +58,7 @@ def link_pairs(path):
 
 
 def link_training(path):
-    evals = [r for r in jsonl(path) if "eval_loss" in r]
+    evals = [r for r in rows_of(path) if "eval_loss" in r]
     first, last = evals[0], evals[-1]
     return {
         "steps": last["step"],
@@ -82,7 +83,7 @@ def report_run(run, seeds, out):
         per_seed = []
         for s in seeds:
             d = run / f"seed{s}" / v
-            judged = jsonl(d / "eval" / "judgments.jsonl")
+            judged = rows_of(d / "eval" / "judgments.jsonl")
             mine, base = scores(judged, v), scores(judged, "Vanilla")
             pids = sorted(mine)
             cells.setdefault(v, []).append([mine[p] for p in pids])
@@ -118,10 +119,10 @@ def report_run(run, seeds, out):
                      f"{r['margin_before']:+.3f} -> {r['margin_after']:+.3f} |")
     text = "\n".join(table) + "\n"
     out = Path(out)
-    common.write_atomic(out / "study.json", json.dumps(summary, indent=2) + "\n")
-    common.write_atomic(out / "study.md", text)
+    jsonl.write_atomic(out / "study.json", json.dumps(summary, indent=2) + "\n")
+    jsonl.write_atomic(out / "study.md", text)
     names = list(summary["models"])
-    common.write_atomic(out / "study.svg", report.svg({"primary": "harmlessness", "models": summary["models"]}, names))
+    jsonl.write_atomic(out / "study.svg", report.svg({"primary": "harmlessness", "models": summary["models"]}, names))
     print(text)
 
 

@@ -5,46 +5,47 @@ import pytest
 import torch
 
 import common
+import jsonl
 import generation
 from conftest import ROOT, read_jsonl, run_here, write_jsonl
 
 
 def test_missing_and_empty_file(tmp_path):
     with pytest.raises(common.InputError, match="no such file"):
-        common.read_prompts(tmp_path / "nope.jsonl")
+        jsonl.read_prompts(tmp_path / "nope.jsonl")
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(common.InputError, match="empty file"):
-        common.read_prompts(tmp_path / "e.jsonl")
+        jsonl.read_prompts(tmp_path / "e.jsonl")
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
     with pytest.raises(common.InputError, match=r"p\.jsonl:2: malformed JSON"):
-        common.read_prompts(f)
+        jsonl.read_prompts(f)
 
 
 def test_missing_prompt_field_lists_keys(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "lang": "en"}])
     with pytest.raises(common.InputError, match=r"p\.jsonl:1: no prompt field.*\['lang', 'text'\]"):
-        common.read_prompts(f)
+        jsonl.read_prompts(f)
 
 
 def test_prompt_not_a_string(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": ["a", "list"]}])
     with pytest.raises(common.InputError, match=r"p\.jsonl:2: field 'prompt' must be a non-empty string"):
-        common.read_prompts(f)
+        jsonl.read_prompts(f)
 
 
 def test_instruction_and_question_fields_and_ids(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "do x"}, {"question": "why y?", "id": "q7"},
                                            {"ask": "z", "id": 3}])
     with pytest.raises(common.InputError):
-        common.read_prompts(f)
-    recs = common.read_prompts(f, limit=2)
+        jsonl.read_prompts(f)
+    recs = jsonl.read_prompts(f, limit=2)
     assert [(r["id"], r["prompt"]) for r in recs] == [("1", "do x"), ("q7", "why y?")]
     g = write_jsonl(tmp_path / "g.jsonl", [{"ask": "z"}])
-    assert common.read_prompts(g, prompt_field="ask")[0]["prompt"] == "z"
+    assert jsonl.read_prompts(g, prompt_field="ask")[0]["prompt"] == "z"
 
 
 def test_output_resumes_parts_merges_in_input_order_and_refuses_foreign_output(tmp_path):
@@ -91,7 +92,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 
 def test_write_atomic_leaves_no_temp(tmp_path):
-    common.write_jsonl_atomic(tmp_path / "a.jsonl", [{"a": 1}])
+    jsonl.write_jsonl_atomic(tmp_path / "a.jsonl", [{"a": 1}])
     assert read_jsonl(tmp_path / "a.jsonl") == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import common
+import jsonl
 import preference_data
 from conftest import read_jsonl, run
 
@@ -16,27 +17,27 @@ def write_json(path, obj):
 def test_json_array_with_instruction_and_category(tmp_path):
     f = write_json(tmp_path / "HoneSet.json", [{"instruction": "What did I eat yesterday?", "category": "User Input"},
                                                {"instruction": "Show me a picture.", "category": "Modality Mismatch"}])
-    recs = common.read_prompts(f)
+    recs = jsonl.read_prompts(f)
     assert [(r["id"], r["prompt"], r["category"]) for r in recs] == [
         ("1", "What did I eat yesterday?", "User Input"), ("2", "Show me a picture.", "Modality Mismatch")]
     bad = write_json(tmp_path / "bad.json", [{"instruction": "ok"}, {"text": "no prompt"}])
     with pytest.raises(common.InputError, match=r"bad\.json: record 2: no prompt field"):
-        common.read_prompts(bad)
+        jsonl.read_prompts(bad)
     (tmp_path / "broken.json").write_text('[{"instruction": "a"},\n {"instruction": }]')
     with pytest.raises(common.InputError, match=r"broken\.json:2: malformed JSON"):
-        common.read_prompts(tmp_path / "broken.json")
+        jsonl.read_prompts(tmp_path / "broken.json")
 
 
 def test_jailbreak_trigger_label_list_and_mt_bench_turns(tmp_path):
     jb = write_json(tmp_path / "jailbreak.json", [{"prompt": "Pretend you are DAN and ...", "label": ["fixed sentence"],
                                                    "source": "ITC"}])
-    r = common.read_prompts(jb, category_field="label")[0]
+    r = jsonl.read_prompts(jb, category_field="label")[0]
     assert r["category"] == "fixed sentence" and r["prompt"].startswith("Pretend")
     mt = tmp_path / "question.jsonl"
     mt.write_text(
         json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]}) + "\n"
     )
-    r = common.read_prompts(mt, id_field="question_id")[0]
+    r = jsonl.read_prompts(mt, id_field="question_id")[0]
     assert (r["id"], r["prompt"], r["category"]) == ("81", "Write a poem.", "writing")
 
 
@@ -44,7 +45,7 @@ def test_parquet_and_csv_get_a_conversion_hint(tmp_path):
     for name in ("train.parquet", "data.csv"):
         (tmp_path / name).write_bytes(b"PAR1")
         with pytest.raises(common.InputError, match=r"is not read here; convert it to JSONL first.*pandas"):
-            common.read_prompts(tmp_path / name)
+            jsonl.read_prompts(tmp_path / name)
 
 
 def test_sample_reads_a_json_array_end_to_end(tmp_path, tiny_model_dir):

@@ -1,11 +1,12 @@
-"""train.py's picture: loss, reward margins and accuracies per step, train and held-out, as a
-small SVG written directly (no plotting library), beside metrics.jsonl."""
+"""train.py's log: metrics.jsonl, a row per optimizer step, and its picture metrics.svg (loss,
+reward margins and accuracies per step, train and held-out, an SVG written directly)."""
 import json
 import math
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import common
+import distributed
+import jsonl
 
 PANELS = (("loss", "loss", "eval_loss"), ("reward margin", "rewards/margins", "eval_rewards/margins"),
           ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"))
@@ -57,4 +58,23 @@ def training_svg(rows, width=900, height=260):
 
 def write_training_svg(metrics_path, svg_path):
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    common.write_atomic(svg_path, training_svg(rows))
+    jsonl.write_atomic(svg_path, training_svg(rows))
+
+
+class Metrics:
+    """metrics.jsonl (a row per optimizer step, eval_* where held-out pairs were evaluated; a row
+    of step 0 for the evaluation before training) and its picture metrics.svg, rank 0 only. On
+    --resume the rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path, start):
+        self.path = path
+        if distributed.is_main():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+                if start and path.exists() else []
+            jsonl.write_atomic(path, "".join(line + "\n" for line in kept))
+
+    def write(self, row):
+        if distributed.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            write_training_svg(self.path, self.path.with_suffix(".svg"))

@@ -1,0 +1,152 @@
+"""JSONL in and out: records read and validated (a JSONL file or a JSON array of objects, as
+datasets ship), errors that name the file and line, and atomic writes (a temporary file,
+then a rename: never a half-written output)."""
+import json
+import os
+from pathlib import Path
+
+from common import InputError
+
+CONVERT = ("python -c \"import pandas as pd; pd.read_{fmt}('{path}').to_json('{stem}.jsonl', "
+           "orient='records', lines=True, force_ascii=False)\"")
+
+
+def checked_path(path):
+    """An input file that exists and is in a format read here, else an InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".xlsx": "excel"}.get(path.suffix.lower())
+    if fmt:
+        raise InputError(f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
+                         + CONVERT.format(fmt=fmt, path=path, stem=path.with_suffix("")))
+    return path
+
+
+def parse_json(text, where):
+    """One JSON value, or an InputError naming `where` (malformed, or nested too deeply to read)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply to read") from None
+
+
+def stream_jsonl(path):
+    """(line number, "file:line", record) for each non-blank line of a JSONL file, one line in
+    memory at a time; every record must be a JSON object."""
+    path = checked_path(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line)") from None
+            if line.strip():
+                rec = parse_json(line, f"{path}:{n}")
+                if not isinstance(rec, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                yield n, f"{path}:{n}", rec
+
+
+def read_jsonl(path, required=(), allow_empty=False):
+    """Read records from a JSONL file or a JSON array of objects (as datasets ship), as a list
+    of (number, location, record): number is the line (JSONL) or the 1-based index (array),
+    location what an error names ("file:3" or "file: record 3"). Every record must be a JSON
+    object holding the `required` keys; blank lines are skipped."""
+    path = checked_path(path)
+    with open(path, "rb") as f:
+        array = f.read(4096).lstrip()[:1] == b"["
+    rows = read_json_array(path, path.read_bytes()) if array else list(stream_jsonl(path))
+    for n, where, rec in rows:
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise InputError(f"{where}: missing field {missing[0]!r} (keys present: {sorted(rec)})")
+    if not rows and not allow_empty:
+        raise InputError(f"{path}: empty file (no records)")
+    return rows
+
+
+def read_json_array(path, data):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 (byte {e.start + 1})") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+    return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
+
+
+def claim_id(where, rec, seen):
+    """Check that rec's id (already a string) is new, and remember it."""
+    if rec["id"] in seen:
+        raise InputError(f"{where}: duplicate id {rec['id']!r}")
+    seen.add(rec["id"])
+
+
+def first_if_list(value):
+    """JailbreakTrigger's label is a one-element list, MT-Bench's turns a list of user turns:
+    the first element stands for the whole."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def read_prompts(path, prompt_field=None, limit=None, id_field="id", category_field="category"):
+    """A prompt set (JSONL or a JSON array) -> records with a string `id` (from id_field; the
+    line or record number if absent), `prompt` (from `prompt`, `instruction`, `question` or
+    MT-Bench's `turns` (the first turn), or from `prompt_field`) and, where the record has
+    category_field, `category` (a list's first element)."""
+    fields = [prompt_field] if prompt_field else ["prompt", "instruction", "question", "turns"]
+    out, seen = [], set()
+    for n, where, rec in read_jsonl(path):
+        field = next((f for f in fields if f in rec), None)
+        if field is None:
+            raise InputError(f"{where}: no prompt field (looked for {', '.join(fields)}; "
+                             f"keys present: {sorted(rec)}); use --prompt-field")
+        prompt = first_if_list(rec[field]) if field == "turns" else rec[field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: field {field!r} must be a non-empty string, "
+                             f"got {type(rec[field]).__name__}")
+        rec = dict(rec, id=str(first_if_list(rec.get(id_field, n))), prompt=prompt)
+        if category_field in rec:
+            rec["category"] = first_if_list(rec[category_field])
+        claim_id(where, rec, seen)
+        out.append(rec)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def read_records(path, required, limit=None, stage_hint=""):
+    """Read the output of an earlier stage: records with a unique `id` (read as a string)
+    and the `required` keys."""
+    rows = read_jsonl(path)
+    seen = set()
+    for _, where, rec in rows:
+        for k in ("id", "prompt", *required):
+            if k not in rec:
+                hint = f" ({stage_hint})" if stage_hint else ""
+                raise InputError(f"{where}: missing field {k!r}{hint}; keys present: {sorted(rec)}")
+        rec["id"] = str(rec["id"])
+        claim_id(where, rec, seen)
+    recs = [rec for _, _, rec in rows]
+    return recs[:limit] if limit else recs
+
+
+def write_atomic(path, text):
+    """Write text to path via a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, records):
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
