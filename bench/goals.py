@@ -62,22 +62,24 @@ def sample_figure(n_prompts=32, n_samples=8, new_tokens=64):
 
 
 def demo_seconds(tree):
-    """The pipeline time demo.sh prints, run in `tree` with a fresh run directory."""
+    """The pipeline time demo.sh prints, run in `tree` with a fresh run directory, and its report."""
     with tempfile.TemporaryDirectory() as runs:
         out = subprocess.run(["bash", "demo.sh"], cwd=tree, capture_output=True, text=True, check=True,
                              env=dict(os.environ, PY=sys.executable, RUN=f"{runs}/demo", TQDM_DISABLE="1"))
-    return int(re.search(r"demo: done in (\d+) s", out.stdout).group(1))
+        report = Path(runs, "demo/iter1/eval/report.md").read_text()
+    return int(re.search(r"demo: done in (\d+) s", out.stdout).group(1)), report
 
 
 def demo_goal(base):
     with tempfile.TemporaryDirectory() as tree:
         subprocess.run(["git", "worktree", "add", "--detach", tree, base], cwd=ROOT, check=True, capture_output=True)
         try:
-            before = demo_seconds(tree)
+            before, _ = demo_seconds(tree)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, check=True)
-    after = demo_seconds(ROOT)
+    after, report = demo_seconds(ROOT)
     print(f"demo pipeline: {base} {before} s, this tree {after} s -> {after / before:.2f}x (kept <= 1.1)", flush=True)
+    print(f"this tree's demo report:\n{report}", flush=True)
 
 
 def main():

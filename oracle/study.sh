@@ -21,6 +21,7 @@ J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0
 V=SmolLM2-135M-Instruct
 start=$SECONDS
 sleep 2
+kill -0 $JUDGE_PID 2>/dev/null || { echo "study: the judge did not start on port $PORT (is one already running?)" >&2; exit 1; }
 mkdir -p "$RUN"
 cat data/study_train.jsonl data/study_val.jsonl > "$RUN/prompts.jsonl"
 
