@@ -12,7 +12,8 @@ The links, per variant, as means over seeds:
   3 the generations move: the judge's primary and helpfulness scores of greedy answers to the
     held-out prompts, and their difference from vanilla's answers to the same prompts, each with
     a 95% interval from a bootstrap over prompts and seeds; win / tie / lose against vanilla
-    (pairwise, both orders, a win only when both agree).
+    (pairwise, both orders, a win only when both agree); and what the greedy answers look like
+    under the judge's own rules: words, the share that declines, dangerous specifics per answer.
 """
 import argparse
 import json
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402
 import jsonl  # noqa: E402
 import report  # noqa: E402
+from judge import DECLINE, SPECIFIC  # noqa: E402  (oracle/judge.py)
 
 VARIANTS = ("spa", "simpo", "reverse", "nodenoise")
 NAMES = {"spa": "SPA", "simpo": "SPA, w = 1 (simpo)", "reverse": "reverse priority", "nodenoise": "SPA w/o denoising"}
@@ -69,6 +71,14 @@ def link_training(path):
     }
 
 
+def answers(path, model):
+    """Mean words, share declining and dangerous specifics per answer of one model's greedy answers."""
+    texts = [r["response"] for r in rows_of(path) if r["model"] == model]
+    return {"words": float(np.mean([len(t.split()) for t in texts])),
+            "declines": float(np.mean([bool(DECLINE.search(t)) for t in texts])),
+            "specifics": float(np.mean([len(SPECIFIC.findall(t)) for t in texts]))}
+
+
 def scores(judgments, model):
     """{prompt id: (primary, helpfulness)} of one model's judged answers."""
     return {
@@ -78,7 +88,7 @@ def scores(judgments, model):
 
 def report_run(run, seeds, out):
     run = Path(run)
-    rows, cells, vanilla = {}, {}, {}
+    rows, cells, vanilla, looks = {}, {}, {}, {}
     for v in VARIANTS:
         per_seed = []
         for s in seeds:
@@ -89,11 +99,14 @@ def report_run(run, seeds, out):
             cells.setdefault(v, []).append([mine[p] for p in pids])
             vanilla.setdefault(s, [base[p] for p in pids])
             outcomes = [j["outcome"] for j in judged if j["kind"] == "pairwise"]
+            looks.setdefault("Vanilla", answers(d / "eval" / "responses.jsonl", "Vanilla"))
             per_seed.append({**link_pairs(d / "train_pairs.jsonl"), **link_training(d / "model" / "metrics.jsonl"),
-                             **{k: outcomes.count(k) / len(outcomes) for k in ("win", "tie", "lose")}})
+                             **{k: outcomes.count(k) / len(outcomes) for k in ("win", "tie", "lose")},
+                             **answers(d / "eval" / "responses.jsonl", v)})
         rows[v] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     base = np.array([vanilla[s] for s in seeds], dtype=float)  # (seeds, prompts, 2): the same greedy answers each seed
-    summary = {"seeds": list(seeds), "prompts": base.shape[1], "models": {}, "links": rows}
+    summary = {"seeds": list(seeds), "prompts": base.shape[1], "models": {}, "links": rows,
+               "vanilla_answers": looks["Vanilla"]}
     table = ["| Model | Primary (harmlessness) | Helpfulness | d primary vs vanilla | d helpfulness vs vanilla | "
              "Win | Tie | Lose |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -117,6 +130,9 @@ def report_run(run, seeds, out):
         table.append(f"| {NAMES[v]} | {r['pairs']:.0f} | {r['primary_higher']:.0%} | {r['d_primary']:+.2f} | "
                      f"{r['d_help']:+.2f} | {r['steps']:.0f} | {r['acc_before']:.2f} -> {r['acc_after']:.2f} | "
                      f"{r['margin_before']:+.3f} -> {r['margin_after']:+.3f} |")
+    table += ["", "| Greedy answers | words | declining | dangerous specifics per answer |", "|---|---|---|---|"]
+    for name, r in [("Vanilla", looks["Vanilla"]), *((NAMES[v], rows[v]) for v in VARIANTS)]:
+        table.append(f"| {name} | {r['words']:.1f} | {r['declines']:.0%} | {r['specifics']:.2f} |")
     text = "\n".join(table) + "\n"
     out = Path(out)
     jsonl.write_atomic(out / "study.json", json.dumps(summary, indent=2) + "\n")
