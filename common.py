@@ -170,9 +170,9 @@ def model_fingerprint(name):
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt"):
             size = f.stat().st_size
             with open(f, "rb") as fh:
-                head = fh.read(1 << 20)
+                first = fh.read(1 << 20)
                 fh.seek(max(size - (1 << 20), 0))
-                h.update(f"{f.name}:{size}:".encode() + head + fh.read())
+                h.update(f"{f.name}:{size}:".encode() + first + fh.read())
     return h.hexdigest()[:16]
 
 

@@ -75,10 +75,10 @@ class ReorderedLinear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.reordered = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
 
     def forward(self, x):
-        return onednn_product(x, self.packed)
+        return onednn_product(x, self.reordered)
 
 
 def reorder_linears(model):

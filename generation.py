@@ -135,7 +135,7 @@ def check_context(lengths, max_new_tokens, context, keys):
 
 def truncate_prompts(tok, records, systems, max_new_tokens, context):
     """--truncate-prompts: cut each prompt that, under the longest of `systems` and with the
-    answer budget, would not fit the context window, keeping its head. Returns (records,
+    answer budget, would not fit the context window, keeping its beginning. Returns (records,
     number cut); a cut record says so in `prompt_truncated`."""
     overhead = max(len(tok(chat_text(tok, user_turn("", s)), add_special_tokens=False)["input_ids"]) for s in systems)
     room = context - max_new_tokens - overhead

@@ -69,7 +69,7 @@ def main():
     )
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut prompts that do not fit the model's context with the answer budget (keeping their "
-                        "head; counted, and marked prompt_truncated) instead of refusing them")
+                        "beginning; counted, and marked prompt_truncated) instead of refusing them")
     args = p.parse_args()
 
     system_texts = json.loads(common.load_prompt("systems.json"))

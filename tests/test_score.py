@@ -58,7 +58,7 @@ def test_logits_mode_reads_ten_as_one_token(tiny_model_dir, tokenizer, monkeypat
 
 @pytest.mark.parametrize("speed", ["0", "1"])
 def test_rating_distribution_is_the_plain_forward_distribution(tiny_model_dir, monkeypatch, speed):
-    """Judge prompts batched (padded, and on the CPU path laid out around their shared head)
+    """Judge prompts batched (padded, and on the CPU path laid out around their shared prefix)
     give the distribution one plain forward over each whole judge prompt gives, row for row."""
     import torch
     monkeypatch.setenv("SPA_CPU_SPEED", speed)
