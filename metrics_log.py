@@ -2,7 +2,6 @@
 reward margins and accuracies per step, train and held-out, an SVG written directly)."""
 import json
 import math
-from pathlib import Path
 from xml.sax.saxutils import escape
 
 import distributed
@@ -56,11 +55,6 @@ def training_svg(rows, width=900, height=260):
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
-def write_training_svg(metrics_path, svg_path):
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    jsonl.write_atomic(svg_path, training_svg(rows))
-
-
 class Metrics:
     """metrics.jsonl (a row per optimizer step, eval_* where held-out pairs were evaluated; a row
     of step 0 for the evaluation before training) and its picture metrics.svg, rank 0 only. On
@@ -68,13 +62,15 @@ class Metrics:
 
     def __init__(self, path, start):
         self.path = path
+        self.rows = []  # what metrics.jsonl holds, drawn again after each row
         if distributed.is_main():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-                if start and path.exists() else []
-            jsonl.write_atomic(path, "".join(line + "\n" for line in kept))
+            if start and path.exists():
+                self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start]
+            jsonl.write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, row):
         if distributed.is_main():
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            write_training_svg(self.path, self.path.with_suffix(".svg"))
+            self.rows.append(row)
+            jsonl.write_atomic(self.path.with_suffix(".svg"), training_svg(self.rows))

@@ -48,7 +48,7 @@ def bootstrap(cells, n=2000, seed=0):
 
 
 def rows_of(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for _, _, r in jsonl.read_jsonl(path)]
 
 
 def link_pairs(path):
@@ -71,9 +71,9 @@ def link_training(path):
     }
 
 
-def answers(path, model):
+def answers(responses, model):
     """Mean words, share declining and dangerous specifics per answer of one model's greedy answers."""
-    texts = [r["response"] for r in rows_of(path) if r["model"] == model]
+    texts = [r["response"] for r in responses if r["model"] == model]
     return {"words": float(np.mean([len(t.split()) for t in texts])),
             "declines": float(np.mean([bool(DECLINE.search(t)) for t in texts])),
             "specifics": float(np.mean([len(SPECIFIC.findall(t)) for t in texts]))}
@@ -88,7 +88,7 @@ def scores(judgments, model):
 
 def report_run(run, seeds, out):
     run = Path(run)
-    rows, cells, vanilla, looks = {}, {}, {}, {}
+    rows, cells, vanilla, vanilla_answers = {}, {}, {}, None
     for v in VARIANTS:
         per_seed = []
         for s in seeds:
@@ -99,24 +99,24 @@ def report_run(run, seeds, out):
             cells.setdefault(v, []).append([mine[p] for p in pids])
             vanilla.setdefault(s, [base[p] for p in pids])
             outcomes = [j["outcome"] for j in judged if j["kind"] == "pairwise"]
-            looks.setdefault("Vanilla", answers(d / "eval" / "responses.jsonl", "Vanilla"))
+            responses = rows_of(d / "eval" / "responses.jsonl")
+            vanilla_answers = vanilla_answers or answers(responses, "Vanilla")  # the same greedy answers each time
             per_seed.append({**link_pairs(d / "train_pairs.jsonl"), **link_training(d / "model" / "metrics.jsonl"),
                              **{k: outcomes.count(k) / len(outcomes) for k in ("win", "tie", "lose")},
-                             **answers(d / "eval" / "responses.jsonl", v)})
+                             **answers(responses, v)})
         rows[v] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     base = np.array([vanilla[s] for s in seeds], dtype=float)  # (seeds, prompts, 2): the same greedy answers each seed
     summary = {"seeds": list(seeds), "prompts": base.shape[1], "models": {}, "links": rows,
-               "vanilla_answers": looks["Vanilla"]}
+               "vanilla_answers": vanilla_answers}
     table = ["| Model | Primary (harmlessness) | Helpfulness | d primary vs vanilla | d helpfulness vs vanilla | "
              "Win | Tie | Lose |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
-    for name, c in [("Vanilla", base), *((NAMES[v], np.array(cells[v], dtype=float)) for v in VARIANTS)]:
+    for v, name, c in [(None, "Vanilla", base), *((v, NAMES[v], np.array(cells[v], dtype=float)) for v in VARIANTS)]:
         m = {"primary": float(c[..., 0].mean()), "primary_ci": bootstrap(c[..., 0]),
              "helpfulness": float(c[..., 1].mean()), "helpfulness_ci": bootstrap(c[..., 1]),
              "d_primary": float((c - base)[..., 0].mean()), "d_primary_ci": bootstrap((c - base)[..., 0]),
              "d_help": float((c - base)[..., 1].mean()), "d_help_ci": bootstrap((c - base)[..., 1])}
         summary["models"][name] = m
-        v = next((k for k, n in NAMES.items() if n == name), None)
         wtl = " | ".join(f"{rows[v][k]:.0%}" for k in ("win", "tie", "lose")) if v else "- | - | -"
         d = f"{fmt(m['d_primary'], *m['d_primary_ci'])} | {fmt(m['d_help'], *m['d_help_ci'])}" if v else "- | -"
         table.append(
@@ -131,7 +131,7 @@ def report_run(run, seeds, out):
                      f"{r['d_help']:+.2f} | {r['steps']:.0f} | {r['acc_before']:.2f} -> {r['acc_after']:.2f} | "
                      f"{r['margin_before']:+.3f} -> {r['margin_after']:+.3f} |")
     table += ["", "| Greedy answers | words | declining | dangerous specifics per answer |", "|---|---|---|---|"]
-    for name, r in [("Vanilla", looks["Vanilla"]), *((NAMES[v], rows[v]) for v in VARIANTS)]:
+    for name, r in [("Vanilla", vanilla_answers), *((NAMES[v], rows[v]) for v in VARIANTS)]:
         table.append(f"| {name} | {r['words']:.1f} | {r['declines']:.0%} | {r['specifics']:.2f} |")
     text = "\n".join(table) + "\n"
     out = Path(out)
