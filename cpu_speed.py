@@ -12,19 +12,21 @@ For inference:
   products   every bias-free linear layer (the decoder's projections, the vocabulary head)
              runs as a oneDNN product over a weight laid out once for it (ReorderedLinear),
              instead of F.linear's MKL product
-  prefill    model.generate is wrapped: the prompt prefix a batch's rows share (the chat
-             template's system prompt, a judge's instructions and constitution) runs once,
-             each row's tail after it, a few rows at a time, into a static cache that
-             generate then decodes with (prefilled_cache)
+  prefill    generation.model_inputs hands a batch here (prefill): the prompt prefix its rows
+             share (the chat template's system prompt, a judge's instructions and
+             constitution) runs once, each row's tail after it, a few rows at a time, into a
+             static cache that generate (or the judge's one forward) goes on from
   attention  grouped-query attention without copying keys and values to every query head,
              reading only the filled part of the static cache when decoding
   memory     glibc keeps the memory the process frees, so each step's buffers reuse pages
              instead of faulting fresh ones in
 For training:
   products   each linear layer's forward and both gradients as oneDNN products
+  packing    train.py --pack's default (PACK_BY_DEFAULT): a micro-batch's sequences end to end
+             in one row, no padding computed (policy_model.py holds the packed layout)
 """
+
 import ctypes
-import functools
 import os
 import platform
 
@@ -34,20 +36,26 @@ import torch.nn.functional as F
 
 ATTENTION = "spa_cpu"  # the attention implementation registered by prepare_inference
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (rows x padded tail); 0 = every row at once
+PACK_BY_DEFAULT = True  # train.py --pack on the CPU (docs/BENCHMARKS.md); the plain path pads
 
 
 def prepare_inference(model):
     """Switch a loaded model (eval mode, float32) to the paths above. Returns the model."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
     keep_freed_memory()
     if torch.backends.mkldnn.is_available() and model.dtype == torch.float32:
         reorder_linears(model)
     AttentionInterface.register(ATTENTION, grouped_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # the boolean masks transformers builds for SDPA
     model.set_attn_implementation(ATTENTION)
-    model.generate = functools.partial(generate_with_shared_prefill, model, model.generate)
     return model
+
+
+def prepared(model):
+    """Whether prepare_inference laid this model out (generation.cpu_path asks)."""
+    return getattr(model.config, "_attn_implementation", None) == ATTENTION
 
 
 def prepare_training(model):
@@ -60,6 +68,7 @@ def prepare_training(model):
 
 
 # ----------------------------------------------------------------------------- oneDNN products
+
 
 def onednn_product(a, b):
     """a @ b^T on oneDNN: a (..., k), b (n, k) (either may be a transposed view, or b a weight
@@ -114,13 +123,17 @@ class OneDnnLinear(nn.Linear):
     otherwise (bf16, autocast). The same parameters and names: checkpoints see an nn.Linear."""
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and \
-                not torch.is_autocast_enabled("cpu"):
+        if (
+            x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        ):
             return OneDnnLinearFunction.apply(x, self.weight)
         return super().forward(x)
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def keep_freed_memory():
     """glibc keeps freed memory in the process: no block gets a mapping of its own
@@ -135,6 +148,7 @@ def keep_freed_memory():
 
 # ----------------------------------------------------------------------------- attention
 
+
 def filled_length(mask):
     """Key positions up to the last one any query may attend to: (B, 1, T, S) bool -> int."""
     cols = mask.any(dim=2).any(dim=0)[0]  # (S,)
@@ -148,9 +162,11 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     Decoding (T = 1) reads only the static cache's filled part. Returns ((B, T, H, D), None),
     as transformers' attention functions do."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if attention_mask is None or attention_mask.dtype != torch.bool:  # causal without a mask: as is
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     G = getattr(module, "num_key_value_groups", 1)
     B, H, T, D = query.shape
     S = filled_length(attention_mask) if T == 1 else key.shape[2]
@@ -164,9 +180,10 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
 
 # ----------------------------------------------------------------------------- prefill
 
-def common_prefix_length(seqs):
-    """Length of the token prefix all sequences share, leaving each at least two tokens."""
-    n = max(min(len(s) for s in seqs) - 2, 0)
+
+def common_prefix_length(seqs, keep=1):
+    """Length of the token prefix all sequences share, leaving each at least keep + 1 tokens."""
+    n = max(min(len(s) for s in seqs) - keep - 1, 0)
     first = seqs[0]
     for k in range(n):
         if any(s[k] != first[k] for s in seqs):
@@ -174,11 +191,11 @@ def common_prefix_length(seqs):
     return n
 
 
-def prefix_and_tails(seqs, pad_id):
+def prefix_and_tails(seqs, pad_id, keep=1):
     """One batch's prompts laid out for one prefill: the prefix they all share once, then each
     tail padded on its left, between prefix and tail. Returns ids (B, T), mask (B, T) and the
     prefix's length; T is the longest prompt, as with left padding."""
-    prefix = common_prefix_length(seqs) if len(seqs) > 1 else 0
+    prefix = common_prefix_length(seqs, keep) if len(seqs) > 1 else 0
     T = max(len(s) for s in seqs)
     ids = [s[:prefix] + [pad_id] * (T - len(s)) + s[prefix:] for s in seqs]
     mask = [[1] * prefix + [0] * (T - len(s)) + [1] * (len(s) - prefix) for s in seqs]
@@ -191,16 +208,18 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prefilled_cache(model, ids, mask, prefix, max_new_tokens, chunk_tokens=None):
-    """Run every prompt but its last token through the decoder into a static cache for
-    generate: the first `prefix` tokens, the same in every row, once for the batch; the tails a
-    few rows at a time (about chunk_tokens tokens a pass, each group padded only to its own
-    longest tail: small activations, few page faults), their keys and values written straight
-    into the static cache's rows. The vocabulary head does not run (no logits are needed).
+def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1):
+    """Run every prompt but its last `keep` tokens through the decoder into a static cache of
+    `room` places more, for generate or a forward to go on from: the first `prefix` tokens,
+    the same in every row, once for the batch; the tails a few rows at a time (about
+    chunk_tokens tokens a pass, each group padded only to its own longest tail: small
+    activations, few page faults), their keys and values written straight into the static
+    cache's rows. The vocabulary head does not run (no logits are needed).
     chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
     import copy
 
     from transformers import DynamicCache, StaticCache
+
     pos, decoder = positions(mask), model.get_decoder()
     B, T = ids.shape
     shared = DynamicCache(config=model.config)
@@ -208,42 +227,45 @@ def prefilled_cache(model, ids, mask, prefix, max_new_tokens, chunk_tokens=None)
         decoder(input_ids=ids[:1, :prefix], position_ids=pos[:1, :prefix], cache=shared, use_cache=True)
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
     rows = max(1, chunk_tokens // (T - prefix)) if chunk_tokens else B
-    cache = StaticCache(config=model.config, max_cache_len=T + max_new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=T + room)
     for s in range(0, B, rows):
         part = slice(s, s + rows)
         n = len(ids[part])
-        lead = prefix + int((mask[part, prefix:-1].sum(0) == 0).sum())  # columns that are padding in every row
+        lead = prefix + int((mask[part, prefix:-keep].sum(0) == 0).sum())  # columns that are padding in every row
         done = DynamicCache(config=model.config)
         if prefix:  # the prefix's keys and values, one copy per row of the group
             done = copy.deepcopy(shared)
             done.batch_repeat_interleave(n)
-        decoder(input_ids=ids[part, lead:-1], position_ids=pos[part, lead:-1], cache=done, use_cache=True,
-                attention_mask=torch.cat([mask[part, :prefix], mask[part, lead:-1]], 1))
+        decoder(
+            input_ids=ids[part, lead:-keep],
+            position_ids=pos[part, lead:-keep],
+            cache=done,
+            use_cache=True,
+            attention_mask=torch.cat([mask[part, :prefix], mask[part, lead:-keep]], 1),
+        )
         for layer, kv in zip(cache.layers, done.layers):
             if not layer.is_initialized:  # zeros (B, KV, T + max_new_tokens, D)
-                layer.lazy_initialization(kv.keys[:1].expand(B, *kv.keys.shape[1:]),
-                                          kv.values[:1].expand(B, *kv.values.shape[1:]))
+                layer.lazy_initialization(
+                    kv.keys[:1].expand(B, *kv.keys.shape[1:]), kv.values[:1].expand(B, *kv.values.shape[1:])
+                )
             for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
                 full[part, :, :prefix] = new[:, :, :prefix]
-                full[part, :, lead:T - 1] = new[:, :, prefix:]  # between prefix and lead: zeros, masked
+                full[part, :, lead : T - keep] = new[:, :, prefix:]  # between prefix and lead: zeros, masked
     for layer in cache.layers:
-        layer.cumulative_length.add_(T - 1)
+        layer.cumulative_length.add_(T - keep)
     return cache
 
 
 @torch.no_grad()
-def generate_with_shared_prefill(model, plain_generate, input_ids, attention_mask, generation_config, **kwargs):
-    """model.generate on the CPU: the same call, with the batch's left-padded prompts laid out
-    as a shared prefix and tails (prefix_and_tails), prefilled into a static cache, then decoded by
-    transformers' generate. The output has generate's shape: prompt columns, then new tokens.
-    A call this does not lay out (several return sequences, a cache of its own) goes to
-    generate as it is."""
-    if (generation_config.num_return_sequences or 1) > 1 or kwargs.get("cache") is not None:
-        return plain_generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                              **kwargs)
-    seqs = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
-    ids, mask, prefix = prefix_and_tails(seqs, generation_config.pad_token_id)
+def prefill(model, input_ids, attention_mask, keep, room):
+    """generation.model_inputs on a prepared model: a batch's left-padded prompts laid out as a
+    shared prefix and tails (prefix_and_tails), all but the last `keep` tokens prefilled into
+    a static cache with `room` places more. Returns generate's (or a forward's) inputs:
+    input_ids and attention_mask of the same width, and the cache."""
+    input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
+    seqs = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+    pads = input_ids[attention_mask == 0]
+    ids, mask, prefix = prefix_and_tails(seqs, int(pads[0]) if len(pads) else 0, keep)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    cache = prefilled_cache(model, ids, mask, prefix, generation_config.max_new_tokens)
-    return plain_generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=generation_config,
-                          **kwargs)
+    cache = prefilled_cache(model, ids, mask, prefix, room, keep=keep)
+    return {"input_ids": ids, "attention_mask": mask, "cache": cache}

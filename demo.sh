@@ -10,11 +10,7 @@ PY=${PY:-python}
 RUN=${RUN:-runs/demo}
 ITER=${ITER:-1}
 PRIMARY=harmlessness
-JUDGE=(--primary $PRIMARY --mode logits-expected)   # the 135M judge's most likely rating never moves
-# glibc keeps freed memory in the process instead of handing large blocks back and faulting them
-# in again at the next step. The generation and judging stages do this themselves on the CPU
-# (cpu_speed.keep_freed_memory); here it also covers train.py (docs/BENCHMARKS.md)
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000}
+JUDGE=(--mode logits-expected)   # the 135M judge's most likely rating never moves
 start=$SECONDS
 
 iteration() {  # $1 = iteration number
@@ -24,7 +20,7 @@ iteration() {  # $1 = iteration number
   $PY sample.py --input data/train_prompts.jsonl --output "$dir/samples.jsonl" --model "$model" \
       --num-candidates 4 --max-new-tokens 64 --batch-size 42 --seed "$1"
   $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}" \
-      --batch-size 42 --judge-batch-size 42   # judge prompts 42 at a time: their shared prefix prefilled once a batch
+      --primary $PRIMARY --batch-size 42 --judge-batch-size 42   # judge prompts 42 at a time: their shared prefix prefilled once a batch
   $PY refine.py --input "$dir/scored.jsonl" --output "$dir/refined.jsonl" --model "$model" "${JUDGE[@]}" \
       --max-new-tokens 96 --batch-size 42 --judge-batch-size 42
   $PY denoise.py --input "$dir/refined.jsonl" --output "$dir/denoised.jsonl" --tau-quantile 0.5 --no-consistency
@@ -41,7 +37,8 @@ train() {  # pairs, output, starting model, loss
 
 evaluate() {  # model, name, output
   $PY evaluate.py --input data/eval_prompts.jsonl --output "$3" --model "$1" --name "$2" \
-      --baseline SmolLM2-135M-Instruct --baseline-name Vanilla "${JUDGE[@]}" --max-new-tokens 96 \
+      --baseline SmolLM2-135M-Instruct --baseline-name Vanilla --judge SmolLM2-135M-Instruct --primary $PRIMARY \
+      "${JUDGE[@]}" --max-new-tokens 96 \
       --judge-max-tokens 24 --batch-size 21 --judge-batch-size 42   # 21 comparisons x 2 orders: one generate call
 }
 

@@ -14,9 +14,9 @@ RV coefficient between these self-scores and a second judge's scores of the same
 candidates as prompts are included in order of increasing det (to choose tau). Every input
 is read and checked before anything is written.
 """
+
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 
 import common
 import jsonl
+import records
 
 REASONS = ("kept", "unscored", "inconsistent", "degenerate", "unstable")
 
@@ -106,77 +107,38 @@ def rv_table(dets, ours, theirs, steps=10):
     return table
 
 
-# ----------------------------------------------------------------------------- reading, checked
-
-def check_score(where, what, value, nullable=True):
-    """A score as the contract has it: an integer 1..10, or null where nullable."""
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
-        raise common.InputError(f"{where}: {what} must be an integer 1..10{' or null' if nullable else ''}, "
-                                f"got {value!r}")
+# ----------------------------------------------------------------------------- the second judge
 
 
-def check_scored(path, records, nullable=True):
-    """Each record: at least two candidates and a refined answer, each an object with a string
-    `text` and scores score_a, score_b (integers 1..10, or null where nullable)."""
-    for i, r in enumerate(records, 1):
-        where = f"{path}: record {i} (id {r['id']})"
-        cands, ref = r["candidates"], r["refined"]
-        if not isinstance(cands, list) or not all(isinstance(c, dict) for c in cands):
-            raise common.InputError(f"{where}: candidates must be a list of objects")
-        if len(cands) < 2:
-            raise common.InputError(f"{where}: {len(cands)} candidate(s); a covariance needs at least two "
-                                    "(sample.py --num-candidates)")
-        if not isinstance(ref, dict):
-            raise common.InputError(f"{where}: refined must be an object with text, score_a and score_b")
-        for what, c in [*((f"candidate {k + 1}", c) for k, c in enumerate(cands)), ("refined", ref)]:
-            if not isinstance(c.get("text"), str):
-                raise common.InputError(f"{where}: {what} has no string 'text'")
-            for key in ("score_a", "score_b"):
-                if key not in c:
-                    raise common.InputError(f"{where}: {what} has no {key}; run score.py and refine.py first")
-                check_score(where, f"{what}'s {key}", c[key], nullable)
-
-
-def second_judge(path, records):
+def second_judge(path, inputs):
     """The second judge's scores of our candidates, streamed (only the scores are kept): a
-    list aligned with records, each [(a, b)] per candidate or None where the file lacks the id."""
-    index = {r["id"]: i for i, r in enumerate(records)}
-    theirs = [None] * len(records)
+    list aligned with inputs, each [(a, b)] per candidate or None where the file lacks the id."""
+    index = {r["id"]: i for i, r in enumerate(inputs)}
+    theirs = [None] * len(inputs)
     for _, where, rec in jsonl.stream_jsonl(path):
         i = index.get(str(rec.get("id")))
         if i is None:
             continue
         cands = rec.get("candidates")
-        if not isinstance(cands, list) or len(cands) != len(records[i]["candidates"]) or \
-                not all(isinstance(c, dict) for c in cands):
-            raise common.InputError(f"{where}: id {rec['id']}: candidates must be a list of "
-                                    f"{len(records[i]['candidates'])} objects, as in the input")
+        if (
+            not isinstance(cands, list)
+            or len(cands) != len(inputs[i]["candidates"])
+            or not all(isinstance(c, dict) for c in cands)
+        ):
+            raise common.InputError(
+                f"{where}: id {rec['id']}: candidates must be a list of "
+                f"{len(inputs[i]['candidates'])} objects, as in the input"
+            )
         for k, c in enumerate(cands, 1):
             for key in ("score_a", "score_b"):
-                check_score(where, f"candidate {k}'s {key}", c.get(key), nullable=False)
+                records.check_score(where, f"candidate {k}'s {key}", c.get(key), nullable=False)
         theirs[i] = [(c["score_a"], c["score_b"]) for c in cands]
     if not any(t is not None for t in theirs):
-        raise common.InputError(f"{path}: no id in common with the input; --rv-against takes the same prompts "
-                                "scored by a second judge (score.py --judge-api-base ...)")
+        raise common.InputError(
+            f"{path}: no id in common with the input; --rv-against takes the same prompts "
+            "scored by a second judge (score.py --judge-api-base ...)"
+        )
     return theirs
-
-
-def fraction(text):
-    """argparse type: a number in 0..1."""
-    value = float(text)
-    if not 0 <= value <= 1:  # nan fails too
-        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
-    return value
-
-
-def non_negative(text):
-    """argparse type: a finite number >= 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def main():
@@ -184,24 +146,31 @@ def main():
     p.add_argument("--input", required=True, help="refined.jsonl from refine.py")
     p.add_argument("--output", required=True, help="denoised.jsonl (the surviving records)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tau", type=non_negative, help="absolute upper bound on det(Sigma_j)")
-    g.add_argument("--tau-quantile", type=fraction, default=0.33,
-                   help="tau as this quantile (0..1) of the run's positive dets (default 0.33: the paper kept "
-                        "about the lowest third)")
+    g.add_argument("--tau", type=common.non_negative, help="absolute upper bound on det(Sigma_j)")
+    g.add_argument(
+        "--tau-quantile",
+        type=common.fraction,
+        default=0.33,
+        help="tau as this quantile (0..1) of the run's positive dets (default 0.33: the paper kept "
+        "about the lowest third)",
+    )
     p.add_argument("--no-consistency", action="store_true", help="ablation: skip the consistency filter")
     p.add_argument("--no-informativeness", action="store_true", help="ablation: skip the covariance filter")
-    p.add_argument("--rv-against", metavar="FILE",
-                   help="the same records scored by a second judge: print (fraction included, RV)")
+    p.add_argument(
+        "--rv-against", metavar="FILE", help="the same records scored by a second judge: print (fraction included, RV)"
+    )
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
     args = p.parse_args()
     out, summary_path = Path(args.output), Path(args.output).with_suffix(".summary.json")
-    common.refuse_overlap(reads=[args.input, args.rv_against],
-                          writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))])
+    common.refuse_overlap(
+        reads=[args.input, args.rv_against],
+        writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))],
+    )
 
-    records = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
-    check_scored(args.input, records)
-    theirs = second_judge(args.rv_against, records) if args.rv_against else None
-    scores = [scores_of(r) for r in records]
+    refined = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
+    records.check_scored(args.input, refined)
+    theirs = second_judge(args.rv_against, refined) if args.rv_against else None
+    scores = [scores_of(r) for r in refined]
     dets = [det_cov(s[0]) if s else 0.0 for s in scores]
     tau = (
         args.tau
@@ -209,10 +178,10 @@ def main():
         else tau_from_quantile([d for d, s in zip(dets, scores) if s], args.tau_quantile)
     )
     why = [reason(s, d, tau, not args.no_consistency, not args.no_informativeness) for s, d in zip(scores, dets)]
-    summary = {"input": args.input, "prompts": len(records), "tau": tau, **{r: why.count(r) for r in REASONS}}
+    summary = {"input": args.input, "prompts": len(refined), "tau": tau, **{r: why.count(r) for r in REASONS}}
     print("denoise: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
     if theirs is not None:
-        ours = [[(c["score_a"], c["score_b"]) for c in r["candidates"]] for r in records]
+        ours = [[(c["score_a"], c["score_b"]) for c in r["candidates"]] for r in refined]
         print("fraction_included\tRV")
         for frac, rv in rv_table(dets, ours, theirs):
             print(f"{frac:.1f}\t{rv:.4f}")
@@ -220,14 +189,18 @@ def main():
         out.unlink(missing_ok=True)  # no stale output beside a summary that says "kept 0"
         jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         worst = max(REASONS[1:], key=lambda r: summary[r])
-        hint = {"unscored": "the judge's answers could not be read: try score.py --mode logits",
-                "inconsistent": "try --no-consistency, or a stronger refinement",
-                "degenerate": "the candidates' scores do not vary: sample more (sample.py --num-candidates) or at "
-                              "higher temperature",
-                "unstable": "raise --tau or --tau-quantile"}[worst]
-        raise common.InputError(f"{args.input}: no prompt survives; most were dropped as {worst} "
-                                f"({summary[worst]} of {len(records)}): {hint}")
-    jsonl.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(records, dets, why) if w == "kept"])
+        hint = {
+            "unscored": "the judge's answers could not be read: try score.py --mode logits",
+            "inconsistent": "try --no-consistency, or a stronger refinement",
+            "degenerate": "the candidates' scores do not vary: sample more (sample.py --num-candidates) or at "
+            "higher temperature",
+            "unstable": "raise --tau or --tau-quantile",
+        }[worst]
+        raise common.InputError(
+            f"{args.input}: no prompt survives; most were dropped as {worst} "
+            f"({summary[worst]} of {len(refined)}): {hint}"
+        )
+    jsonl.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(refined, dets, why) if w == "kept"])
     jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
 

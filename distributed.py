@@ -3,14 +3,17 @@
 `python STAGE.py` is one process (rank 0 of 1: no process group, every helper a no-op);
 `torchrun --nproc_per_node N STAGE.py` starts N, each reading RANK, WORLD_SIZE and
 LOCAL_RANK. NCCL joins them on CUDA (one GPU per process, LOCAL_RANK), gloo on the CPU,
-so the tests run the same code here. Rank 0 alone prints, shows progress and writes
-the files every rank shares; the stages ask `is_main()` only through these helpers.
+so the tests run the same code here. Rank 0 alone prints and shows progress (common.log,
+common.progress) and writes the files every rank shares; `is_main()` guards each such write
+where it happens (resumable.py's merge, checkpoints.py, metrics_log.py, evaluate.py's report,
+train.py's final model).
 
 A rank can wait long at a barrier: one with no prompts left waits while the others load
 an 8B model and generate, and every rank waits while rank 0 gathers and writes the trained
 model. The process group's timeout is therefore SPA_DIST_TIMEOUT seconds (default 7200, two
 hours), not NCCL's 10 minutes.
 """
+
 import datetime
 import os
 

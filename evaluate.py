@@ -5,11 +5,12 @@ model before SPA (greedy by default); a judge scores every answer 1..10 on the p
 objective and on helpfulness, and compares model and baseline in both orders (a win only
 when both orders agree, otherwise a tie).
 
-The judge is a local model (--judge, default the embedded one) or an OpenAI-compatible
-chat-completions endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_KEY).
+The judge (judging.py) is a local model (--judge) or an OpenAI-compatible chat-completions
+endpoint (--judge-api-base, --judge-model, key in $OPENAI_API_KEY). Without either, only the
+embedded model may judge itself: any other model under test needs one named.
 
     python evaluate.py --input data/eval_prompts.jsonl --model runs/x/model --baseline SmolLM2-135M-Instruct \
-        --output runs/x/eval
+        --judge SmolLM2-135M-Instruct --output runs/x/eval
 
     torchrun --nproc_per_node 8 evaluate.py ...   (each GPU answers and judges a share)
 
@@ -18,22 +19,21 @@ resumes after a crash.
 Under torchrun every rank answers and judges its share (an HTTP judge is asked by every
 rank for its share); the report is computed once from the merged records.
 """
+
 import argparse
-import re
 from pathlib import Path
 
 import common
-import jsonl
 import distributed
 import generation
+import judging
+import jsonl
 import report
-import score
 from resumable import Output
 
-WINNER = re.compile(r"winner\s*+[:=]?+[\s*]*+([AB])\b", re.IGNORECASE)  # possessive: linear time
 
+# ----------------------------------------------------------------------------- the agreement rule (pure)
 
-# ----------------------------------------------------------------------------- pairwise verdicts (pure)
 
 def pairwise_outcome(model_first, model_second):
     """Agreement rule. model_first: the verdict with the model's answer as A; model_second:
@@ -46,52 +46,49 @@ def pairwise_outcome(model_first, model_second):
     return "tie"
 
 
-def parse_verdict(text):
-    """'A' or 'B' from 'Winner: A' (the last one) or a reply that is only the letter; else None."""
-    if text.strip().strip("*.").upper() in ("A", "B"):
-        return text.strip().strip("*.").upper()
-    found = WINNER.findall(text)
-    return found[-1].upper() if found else None
-
-
-# ----------------------------------------------------------------------------- stages of the evaluation
-
-def verdicts(judge, triples, objective):
-    """(prompt, answer A, answer B) -> 'A', 'B' or None, from the judge (prompts/pairwise.txt)."""
-    text = lambda q, x, y: common.load_prompt("pairwise.txt").format(
-        constitution=common.load_prompt("constitution.txt").strip(), prompt=q, answer_a=x, answer_b=y,
-        objective=objective)
-    return judge.ask([generation.user_turn(text(*t)) for t in triples], parse_verdict)
-
-
 def generate_responses(path, prompts, models, args):
     """responses.jsonl: one record per (model, prompt), id joined_id(model, prompt id). Under torchrun
-    each rank answers its share; the merged file is returned as {id: record} on every rank,
-    with (model, tokenizer) of the model that is also the local judge, if it was loaded (else
-    None): that model answers last, so the judge reuses it instead of loading it again."""
-    wanted = [dict(p, id=common.joined_id(name, p["id"]), prompt_id=p["id"], model=name) for name, _ in models
-              for p in prompts]
-    settings = dict(models=[[n, m, common.model_fingerprint(m)] for n, m in models], max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, seed=args.seed, inference=common.inference_path(args.compile),
-                    prompts=common.prompts_fingerprint())
-    judge_path = None if args.judge_api_base else args.judge
-    judge = None
+    each rank answers its share; returns the merged file as {id: record} on every rank, and
+    (model, tokenizer) of the model that is also the local judge if it was loaded (else None):
+    that model answers last, so the judge reuses it instead of loading it again."""
+    wanted = [
+        dict(p, id=common.joined_id(name, p["id"]), prompt_id=p["id"], model=name)
+        for name, _ in models
+        for p in prompts
+    ]
+    settings = dict(
+        models=[[n, m, common.model_fingerprint(m)] for n, m in models],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        inference=common.inference_path(args.compile),
+        prompts=common.prompts_fingerprint(),
+    )
+    local_judge = None if args.judge_api_base else args.judge
+    judge_model = None
     with Output(path, wanted, settings, args.overwrite) as out:
-        for name, model_path in sorted(models, key=lambda m: m[1] == judge_path):  # output order is input order
+        for name, model_path in sorted(models, key=lambda m: m[1] == local_judge):  # output order is input order
             batches = out.batches(args.batch_size, where=lambda r: r["model"] == name)
             if not batches:
                 continue
-            judge = None  # model and baseline may be one directory: never two copies at once
+            judge_model = None  # model and baseline may be one directory: never two copies at once
             model, tok = common.load_for_inference(model_path, args.compile)
             for batch in common.progress(batches, desc=f"answer {name}"):
-                texts = generation.generate(model, tok, [generation.user_turn(r["prompt"]) for r in batch],
-                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                            batch_size=len(batch), seed=args.seed, keys=[r["id"] for r in batch],
-                                            compile=args.compile)
+                texts = generation.generate(
+                    model,
+                    tok,
+                    [generation.user_turn(r["prompt"]) for r in batch],
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    batch_size=len(batch),
+                    seed=args.seed,
+                    keys=[r["id"] for r in batch],
+                    compile=args.compile,
+                )
                 out.write([dict(r, response=t) for r, t in zip(batch, texts)])
-            judge = (model, tok) if model_path == judge_path else None  # any other model is freed here
+            judge_model = (model, tok) if model_path == local_judge else None  # any other model is freed here
             del model
-    return {r["id"]: r for r in (rec for _, _, rec in jsonl.read_jsonl(path))}, judge
+    return {r["id"]: r for r in (rec for _, _, rec in jsonl.read_jsonl(path))}, judge_model
 
 
 def judge_all(path, responses, models, args, loaded=None):
@@ -101,33 +98,67 @@ def judge_all(path, responses, models, args, loaded=None):
     obj = args.primary
     names = [n for n, _ in models]
     answer = lambda pid, n: responses[common.joined_id(n, pid)]
-    wanted = [dict(r, id=common.joined_id("score", r["model"], r["prompt_id"]), kind="score")
-              for r in responses.values()]
+    wanted = [
+        dict(r, id=common.joined_id("score", r["model"], r["prompt_id"]), kind="score") for r in responses.values()
+    ]
     if len(models) == 2:
         base, test = names
-        wanted += [{"id": common.joined_id("pairwise", pid), "prompt": answer(pid, test)["prompt"], "prompt_id": pid,
-                    "kind": "pairwise", "category": answer(pid, test).get("category"),
-                    "answers": [answer(pid, test)["response"], answer(pid, base)["response"]]}
-                   for pid in dict.fromkeys(r["prompt_id"] for r in responses.values())]
-    with Output(path, wanted, score.judge_settings(args, args.judge), args.overwrite) as out:
+        wanted += [
+            {
+                "id": common.joined_id("pairwise", pid),
+                "prompt": answer(pid, test)["prompt"],
+                "prompt_id": pid,
+                "kind": "pairwise",
+                "category": answer(pid, test).get("category"),
+                "answers": [answer(pid, test)["response"], answer(pid, base)["response"]],
+            }
+            for pid in dict.fromkeys(r["prompt_id"] for r in responses.values())
+        ]
+    settings = dict(judging.judge_settings(args, args.judge), primary=obj)
+    with Output(path, wanted, settings, args.overwrite) as out:
         # one kind per batch: a batch's verdicts, both orders, go to the judge in one call
-        parts = [(kind, out.batches(args.batch_size, where=lambda w, k=kind: w["kind"] == k))
-                 for kind in ("score", "pairwise")]
-        judge = score.Judge(args, args.judge, *(loaded or (None, None))) if any(b for _, b in parts) else None
+        parts = [
+            (kind, out.batches(args.batch_size, where=lambda w, k=kind: w["kind"] == k))
+            for kind in ("score", "pairwise")
+        ]
+        judge = judging.from_args(args, args.judge, loaded) if any(b for _, b in parts) else None
         for kind, batches in parts:
             for batch in common.progress(batches, desc=f"judge {kind}"):
                 if kind == "score":
                     items = [(w["prompt"], w["response"]) for w in batch]
-                    a, b = ([s["score"] for s in judge.scores(items, o)] for o in (obj, "helpfulness"))
-                    out.write([{"id": w["id"], "prompt": w["prompt"], "kind": kind, "model": w["model"],
-                                "prompt_id": w["prompt_id"], "category": w.get("category"), "score_a": x,
-                                "score_b": y} for w, x, y in zip(batch, a, b)])
+                    a, b = ([s["score"] for s in judge.ratings(items, o)] for o in (obj, "helpfulness"))
+                    out.write(
+                        [
+                            {
+                                "id": w["id"],
+                                "prompt": w["prompt"],
+                                "kind": kind,
+                                "model": w["model"],
+                                "prompt_id": w["prompt_id"],
+                                "category": w.get("category"),
+                                "score_a": x,
+                                "score_b": y,
+                            }
+                            for w, x, y in zip(batch, a, b)
+                        ]
+                    )
                     continue
-                both = verdicts(judge, [(w["prompt"], *w["answers"]) for w in batch]
-                                + [(w["prompt"], *w["answers"][::-1]) for w in batch], obj)
-                first, second = both[:len(batch)], both[len(batch):]
-                out.write([dict({k: v for k, v in w.items() if k != "answers"}, model_first=f, model_second=s,
-                                outcome=pairwise_outcome(f, s)) for w, f, s in zip(batch, first, second)])
+                both = judge.verdicts(
+                    [(w["prompt"], *w["answers"]) for w in batch] + [(w["prompt"], *w["answers"][::-1]) for w in batch],
+                    obj,
+                )
+                first, second = both[: len(batch)], both[len(batch) :]
+                out.write(
+                    [
+                        dict(
+                            {k: v for k, v in w.items() if k != "answers"},
+                            model_first=f,
+                            model_second=s,
+                            outcome=pairwise_outcome(f, s),
+                        )
+                        for w, f, s in zip(batch, first, second)
+                    ]
+                )
     return [rec for _, _, rec in jsonl.read_jsonl(path)]
 
 
@@ -139,7 +170,10 @@ def main():
     p.add_argument("--name", default=None, help="its name in the report (default: the directory's name)")
     p.add_argument("--baseline", default=None, help="the model to compare against, e.g. the model before SPA")
     p.add_argument("--baseline-name", default="Vanilla", help="its name in the report (default Vanilla)")
-    score.add_judge_args(p, judge_default=common.DEFAULT_MODEL)
+    judging.add_primary_arg(p)
+    judging.add_judge_args(
+        p, f"no default: a model other than {common.DEFAULT_MODEL} under test needs --judge or --judge-api-base"
+    )
     common.add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -159,12 +193,26 @@ def main():
     models = ([(args.baseline_name, args.baseline)] if args.baseline else []) + [(name, args.model)]
     if len({n for n, _ in models}) < len(models):
         raise common.InputError(f"--name {name!r} equals --baseline-name; give them different names")
+    if not (args.judge or args.judge_api_base):
+        if args.model != common.DEFAULT_MODEL:
+            raise common.InputError(
+                f"name the judge of {args.model}: --judge MODEL (a local model) or "
+                "--judge-api-base URL --judge-model NAME (an endpoint); only the embedded "
+                f"{common.DEFAULT_MODEL} judges itself by default"
+            )
+        args.judge = common.DEFAULT_MODEL
     out = Path(args.output)
-    judge = None if args.judge_api_base else args.judge
-    common.refuse_overlap(reads=[args.input, *(common.model_folder(m) for _, m in models),
-                                 judge and common.model_folder(judge)], writes=[out])
-    responses, loaded = generate_responses(out / "responses.jsonl", prompts, models, args)
-    judgments = judge_all(out / "judgments.jsonl", responses, models, args, loaded)
+    local_judge = None if args.judge_api_base else args.judge
+    common.refuse_overlap(
+        reads=[
+            args.input,
+            *(common.model_folder(m) for _, m in models),
+            local_judge and common.model_folder(local_judge),
+        ],
+        writes=[out],
+    )
+    responses, judge_model = generate_responses(out / "responses.jsonl", prompts, models, args)
+    judgments = judge_all(out / "judgments.jsonl", responses, models, args, judge_model)
     names = [n for n, _ in models]
     result = report.build_report(judgments, names, args.primary)
     if distributed.is_main():

@@ -6,7 +6,9 @@ batch_size at a time. Sampling draws each row's random numbers from a generator 
 batch nor on the number of processes (the arithmetic itself can round differently with the
 batch's shape; the README says how often that changes an answer).
 """
+
 import hashlib
+import sys
 
 import torch
 
@@ -43,13 +45,18 @@ def refuses_system(tok):
     template = str(tok.chat_template)
     if template not in _refuses_system:
         try:
-            tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-                                    tokenize=False, add_generation_prompt=True)
+            tok.apply_chat_template(
+                [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
             _refuses_system[template] = False
         except Exception:  # jinja2's TemplateError, raised by the template itself
             _refuses_system[template] = True
-            common.log("note: this model's chat template refuses a system message; the system text is folded "
-                       "into the first user turn")
+            common.log(
+                "note: this model's chat template refuses a system message; the system text is folded "
+                "into the first user turn"
+            )
     return _refuses_system[template]
 
 
@@ -109,17 +116,29 @@ def generation_config(tok, max_new_tokens, compile=False):
     asked (compile=True: a static cache and the decoding step compiled in one graph; otherwise
     generate never compiles, on any device)."""
     from transformers import CompileConfig, GenerationConfig
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                           eos_token_id=tok.eos_token_id, disable_compile=not compile)
+
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        disable_compile=not compile,
+    )
     if compile:
         cfg.cache_implementation, cfg.compile_config = "static", CompileConfig(fullgraph=True)
     return cfg
 
 
-def encode(model, tok, texts, max_new_tokens, keys):
-    """Rendered prompts -> left-padded input_ids and attention_mask on the model's device,
-    refused (naming their keys) if any does not fit the context with the answer budget."""
+def encode(model, tok, texts, max_new_tokens, keys, then=None):
+    """Rendered prompts -> left-padded input_ids and attention_mask on the model's device
+    (with the token id `then` appended to every row, if given), refused (naming their keys) if
+    any does not fit the context with the answer budget."""
     enc = tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    if then is not None:
+        enc = {
+            "input_ids": torch.cat([enc["input_ids"], torch.full((len(texts), 1), then)], 1),
+            "attention_mask": torch.cat([enc["attention_mask"], torch.ones(len(texts), 1, dtype=torch.long)], 1),
+        }
     context = getattr(model.config, "max_position_embeddings", 1 << 30)
     check_context(enc["attention_mask"].sum(1).tolist(), max_new_tokens, context, keys)
     return {k: v.to(model.device) for k, v in enc.items()}
@@ -129,8 +148,10 @@ def check_context(lengths, max_new_tokens, context, keys):
     """Refuse prompts that, with the answer budget, do not fit the model's context window."""
     over = [k for k, n in zip(keys, lengths) if n + max_new_tokens > context]
     if over:
-        raise common.InputError(f"{len(over)} prompt(s) do not fit the model's context of {context} tokens with "
-                                f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}")
+        raise common.InputError(
+            f"{len(over)} prompt(s) do not fit the model's context of {context} tokens with "
+            f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}"
+        )
 
 
 def truncate_prompts(tok, records, systems, max_new_tokens, context):
@@ -140,8 +161,9 @@ def truncate_prompts(tok, records, systems, max_new_tokens, context):
     overhead = max(len(tok(chat_text(tok, user_turn("", s)), add_special_tokens=False)["input_ids"]) for s in systems)
     room = context - max_new_tokens - overhead
     if room < 1:
-        raise common.InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                                f"context of {context} tokens")
+        raise common.InputError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
     out, cut = [], 0
     for r in records:
         ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
@@ -152,14 +174,26 @@ def truncate_prompts(tok, records, systems, max_new_tokens, context):
 
 
 @torch.no_grad()
-def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_p=1.0, batch_size=8, seed=0,
-             keys=None, compile=False):
+def generate(
+    model,
+    tok,
+    conversations,
+    *,
+    max_new_tokens,
+    temperature=0.0,
+    top_p=1.0,
+    batch_size=8,
+    seed=0,
+    keys=None,
+    compile=False,
+):
     """One answer per conversation with plain `model.generate` and its KV cache, batch_size
     conversations per call, sorted by length. temperature: one float, or one per conversation
     (0 = greedy). Conversation i draws its random numbers from a generator seeded with
     row_seed(seed, keys[i]); keys default to the conversations' positions: pass ids so that
     an answer depends on nothing else. Returns the answers (input order)."""
     from transformers import LogitsProcessorList
+
     texts = [chat_text(tok, c) for c in conversations]
     keys = list(range(len(texts))) if keys is None else keys
     temps = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(texts)
@@ -167,7 +201,7 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [None] * len(texts)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         enc = encode(model, tok, [texts[i] for i in idx], max_new_tokens, [keys[i] for i in idx])
         processors = []
         if any(temps[i] > 0 for i in idx):  # all greedy: generate's own argmax
@@ -179,45 +213,53 @@ def generate(model, tok, conversations, *, max_new_tokens, temperature=0.0, top_
                 ]
             )
             processors.append(RowSampler(t.to(model.device), top_p, u.to(model.device)))
-        ids = model.generate(**enc, generation_config=cfg, logits_processor=LogitsProcessorList(processors))
-        answers = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        inputs = model_inputs(model, enc, keep=1, room=max_new_tokens)
+        ids = model.generate(**inputs, generation_config=cfg, logits_processor=LogitsProcessorList(processors))
+        answers = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, a in zip(idx, answers):
             out[i] = a.strip()
     return out
 
 
-class ForceFirstToken:
-    """A logits processor that makes the first generated token `token_id` (later steps are left alone)."""
-
-    def __init__(self, token_id):
-        self.token_id, self.step = token_id, 0
-
-    def __call__(self, input_ids, scores):
-        self.step += 1
-        if self.step > 1:
-            return scores
-        return torch.full_like(scores, float("-inf")).index_fill_(
-            1, torch.tensor([self.token_id], device=scores.device), 0.0
-        )
-
-
 @torch.no_grad()
-def next_token_logprobs(model, tok, texts, token_ids, steps=1, first_token=None, batch_size=16, compile=False):
-    """log P(token | text) at the end of each rendered text, read from generate's logits before
-    any processing, for the given token_ids: (N, steps, len(token_ids)). With steps = 2 the
-    second step reads log P(token | text + first token), the first generated token being
-    `first_token` (forced) or the model's own greedy choice."""
-    from transformers import LogitsProcessorList
-    cfg = generation_config(tok, steps, compile)
-    cfg.update(min_new_tokens=steps, return_dict_in_generate=True, output_logits=True)
+def next_token_logprobs(model, tok, texts, token_ids, then=None, batch_size=16):
+    """log P(token | text) for the given token_ids after each rendered text, from one forward
+    pass per batch: (N, 1, len(token_ids)). With `then` (a token id), it is appended to every
+    text and the same pass also gives log P(token | text + then): (N, 2, len(token_ids))."""
+    keep = 1 if then is None else 2
     cols = torch.tensor(token_ids)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), steps, len(token_ids))
+    out = torch.empty(len(texts), keep, len(token_ids))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = encode(model, tok, [texts[i] for i in idx], steps, idx)
-        processors = [ForceFirstToken(first_token)] if first_token is not None else []
-        res = model.generate(**enc, generation_config=cfg, logits_processor=LogitsProcessorList(processors))
-        logits = torch.stack(res.logits, 1).float()  # (B, steps, V)
+        idx = order[start : start + batch_size]
+        inputs = model_inputs(model, encode(model, tok, [texts[i] for i in idx], 0, idx, then), keep=keep, room=0)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        first = ids.shape[1] - keep if "cache" in inputs else 0  # a prefilled cache holds the rest
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        logits = model(
+            input_ids=ids[:, first:],
+            attention_mask=mask,
+            position_ids=pos[:, first:],
+            cache=inputs.get("cache"),
+            logits_to_keep=keep,
+        ).logits.float()  # (B, keep, V)
         out[idx] = logits.log_softmax(-1)[..., cols.to(logits.device)].cpu()
     return out
+
+
+# ----------------------------------------------------------------------------- the CPU path's one hook
+
+
+def cpu_path(model):
+    """cpu_speed.py if it prepared this model (common.load_for_inference does so on the CPU), else None."""
+    speed = sys.modules.get("cpu_speed")
+    return speed if speed is not None and speed.prepared(model) else None
+
+
+def model_inputs(model, enc, keep, room):
+    """generate's (or a forward's) inputs for a left-padded batch: enc itself on the plain path.
+    The one place where the CPU path enters (cpu_speed.py, on a model it prepared): there
+    every prompt token but the last `keep` is prefilled into a cache with `room` places more,
+    the prefix that all rows share run once, and the inputs carry that cache."""
+    speed = cpu_path(model)
+    return speed.prefill(model, enc["input_ids"], enc["attention_mask"], keep, room) if speed else enc

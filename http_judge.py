@@ -8,6 +8,7 @@ itself is refused. What is shown or recorded of the URL is its scheme, host and 
 is the endpoint failing, not the judge's opinion: it is retried, then the run stops. Only
 a well-formed reply is parsed, and the parsers take time linear in its length.
 """
+
 import http.client
 import json
 import os
@@ -35,8 +36,9 @@ def check_api_base(api_base):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise common.InputError(f"--judge-api-base must be an http:// or https:// URL, got {shown_url(api_base)!r}")
     if parts.username is not None or parts.password is not None:
-        raise common.InputError(f"--judge-api-base {shown_url(api_base)}: holds credentials; give the key in "
-                                "$OPENAI_API_KEY instead")
+        raise common.InputError(
+            f"--judge-api-base {shown_url(api_base)}: holds credentials; give the key in $OPENAI_API_KEY instead"
+        )
     return api_base.rstrip("/")
 
 
@@ -110,9 +112,11 @@ def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
                 where = shown_url(urllib.parse.urljoin(url, e.headers.get("Location", "")))
-                raise common.InputError(f"judge endpoint {shown_url(url)}: HTTP {e.code}, a redirect to {where}; "
-                                        "redirects are not followed (the key would go along): give the final URL "
-                                        "as --judge-api-base") from None
+                raise common.InputError(
+                    f"judge endpoint {shown_url(url)}: HTTP {e.code}, a redirect to {where}; "
+                    "redirects are not followed (the key would go along): give the final URL "
+                    "as --judge-api-base"
+                ) from None
             if e.code != 429 and e.code < 500:
                 raise common.InputError(f"judge endpoint {shown_url(url)}: HTTP {e.code} {e.reason}") from None
             last = f"HTTP {e.code}"
@@ -120,5 +124,5 @@ def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         except ValueError as e:
             last = str(e)
-        time.sleep(backoff * 2 ** attempt)
+        time.sleep(backoff * 2**attempt)
     raise common.InputError(f"judge endpoint {shown_url(url)} failed after {retries} tries: {last}")

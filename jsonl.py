@@ -1,14 +1,17 @@
 """JSONL in and out: records read and validated (a JSONL file or a JSON array of objects, as
 datasets ship), errors that name the file and line, and atomic writes (a temporary file,
 then a rename: never a half-written output)."""
+
 import json
 import os
 from pathlib import Path
 
 from common import InputError
 
-CONVERT = ("python -c \"import pandas as pd; pd.read_{fmt}('{path}').to_json('{stem}.jsonl', "
-           "orient='records', lines=True, force_ascii=False)\"")
+CONVERT = (
+    "python -c \"import pandas as pd; pd.read_{fmt}('{path}').to_json('{stem}.jsonl', "
+    "orient='records', lines=True, force_ascii=False)\""
+)
 
 
 def checked_path(path):
@@ -18,8 +21,10 @@ def checked_path(path):
         raise InputError(f"{path}: no such file")
     fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".xlsx": "excel"}.get(path.suffix.lower())
     if fmt:
-        raise InputError(f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
-                         + CONVERT.format(fmt=fmt, path=path, stem=path.with_suffix("")))
+        raise InputError(
+            f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
+            + CONVERT.format(fmt=fmt, path=path, stem=path.with_suffix(""))
+        )
     return path
 
 
@@ -107,12 +112,13 @@ def read_prompts(path, prompt_field=None, limit=None, id_field="id", category_fi
     for n, where, rec in read_jsonl(path):
         field = next((f for f in fields if f in rec), None)
         if field is None:
-            raise InputError(f"{where}: no prompt field (looked for {', '.join(fields)}; "
-                             f"keys present: {sorted(rec)}); use --prompt-field")
+            raise InputError(
+                f"{where}: no prompt field (looked for {', '.join(fields)}; "
+                f"keys present: {sorted(rec)}); use --prompt-field"
+            )
         prompt = first_if_list(rec[field]) if field == "turns" else rec[field]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{where}: field {field!r} must be a non-empty string, "
-                             f"got {type(rec[field]).__name__}")
+            raise InputError(f"{where}: field {field!r} must be a non-empty string, got {type(rec[field]).__name__}")
         rec = dict(rec, id=str(first_if_list(rec.get(id_field, n))), prompt=prompt)
         if category_field in rec:
             rec["category"] = first_if_list(rec[category_field])

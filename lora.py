@@ -5,6 +5,7 @@ base model. Only A and B are trained (in float32; the frozen base may be bf16). 
 merges them, W + (alpha / r) B A, so the saved model is a plain one with the base's keys.
 With the adapters switched off the model is the base again: DPO's reference, for free.
 """
+
 import math
 
 import torch
@@ -65,7 +66,7 @@ def merge(state_dict, scale):
     for key, value in state_dict.items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
-        prefix = key[:-len("weight")]
+        prefix = key[: -len("weight")]
         if key.endswith(".weight") and prefix + "lora_A" in state_dict:
             a, b = state_dict[prefix + "lora_A"].float(), state_dict[prefix + "lora_B"].float()
             value = value.float() + scale * (b @ a)

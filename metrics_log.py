@@ -1,5 +1,7 @@
-"""train.py's log: metrics.jsonl, a row per optimizer step, and its picture metrics.svg (loss,
-reward margins and accuracies per step, train and held-out, an SVG written directly)."""
+"""train.py's log: the statistics a step sums (named as TRL's trainers name them), metrics.jsonl,
+a row per optimizer step, and its picture metrics.svg (loss, reward margins and accuracies per
+step, train and held-out, an SVG written directly)."""
+
 import json
 import math
 from xml.sax.saxutils import escape
@@ -7,8 +9,61 @@ from xml.sax.saxutils import escape
 import distributed
 import jsonl
 
-PANELS = (("loss", "loss", "eval_loss"), ("reward margin", "rewards/margins", "eval_rewards/margins"),
-          ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"))
+
+def new_stats():
+    keys = (
+        "loss",
+        "chosen_rewards",
+        "rejected_rewards",
+        "correct",
+        "chosen_logps",
+        "rejected_logps",
+        "tokens",
+        "zero_w",
+        "w_sum",
+    )
+    return dict(dict.fromkeys(keys, 0.0), w_min=math.inf, w_max=-math.inf)
+
+
+def add_stats(stats, out, n_pairs):
+    """Add one micro-batch's sums to stats (the loss already divided by the step's n_pairs)."""
+    stats["loss"] += out["loss"].sum().item() / n_pairs
+    stats["chosen_rewards"] += out["chosen_rewards"].sum().item()
+    stats["rejected_rewards"] += out["rejected_rewards"].sum().item()
+    stats["correct"] += (out["chosen_rewards"] > out["rejected_rewards"]).sum().item()
+    stats["chosen_logps"] += (out["chosen_logps"] / out["chosen_lengths"]).sum().item()
+    stats["rejected_logps"] += (out["rejected_logps"] / out["rejected_lengths"]).sum().item()
+    stats["tokens"] += (out["chosen_lengths"].sum() + out["rejected_lengths"].sum()).item()
+    stats["zero_w"] += (out["w"] == 0).sum().item()
+    stats["w_sum"] += out["w"].sum().item()
+    stats.update(w_min=min(stats["w_min"], out["w"].min().item()), w_max=max(stats["w_max"], out["w"].max().item()))
+
+
+def reduce_stats(stats):
+    """Sum the statistics over ranks (min and max for the weights' extremes)."""
+    keys = [k for k in stats if k not in ("w_min", "w_max")]
+    out = dict(zip(keys, distributed.all_sum([stats[k] for k in keys])))
+    out.update(w_min=distributed.all_reduce(stats["w_min"], "min"), w_max=distributed.all_reduce(stats["w_max"], "max"))
+    return out
+
+
+def trl_metrics(s, n, prefix=""):
+    """The summed statistics of n pairs as TRL's trainers name them (prefix "eval_" for held-out pairs)."""
+    return {
+        f"{prefix}rewards/chosen": s["chosen_rewards"] / n,
+        f"{prefix}rewards/rejected": s["rejected_rewards"] / n,
+        f"{prefix}rewards/accuracies": s["correct"] / n,
+        f"{prefix}rewards/margins": (s["chosen_rewards"] - s["rejected_rewards"]) / n,
+        f"{prefix}logps/chosen": s["chosen_logps"] / n,
+        f"{prefix}logps/rejected": s["rejected_logps"] / n,
+    }
+
+
+PANELS = (
+    ("loss", "loss", "eval_loss"),
+    ("reward margin", "rewards/margins", "eval_rewards/margins"),
+    ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
+)
 COLOURS = {"train": "#264653", "eval": "#e76f51"}
 
 
@@ -25,11 +80,13 @@ def panel(title, lines, x0, y_top, width, height, max_step):
     L, R, T, B = x0 + 50, x0 + width - 10, y_top + 20, y_top + height - 25
     x = lambda s: L + (s / max(max_step, 1)) * (R - L)
     y = lambda v: B - (v - lo) / (hi - lo) * (B - T)
-    out = [f'<text x="{L}" y="{y_top + 12}" font-weight="bold">{escape(title)}</text>',
-           f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
-           f'<text x="{L - 4}" y="{T + 4}" text-anchor="end">{hi:.3g}</text>',
-           f'<text x="{L - 4}" y="{B + 4}" text-anchor="end">{lo:.3g}</text>',
-           f'<text x="{R}" y="{B + 16}" text-anchor="end">step {max_step}</text>']
+    out = [
+        f'<text x="{L}" y="{y_top + 12}" font-weight="bold">{escape(title)}</text>',
+        f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
+        f'<text x="{L - 4}" y="{T + 4}" text-anchor="end">{hi:.3g}</text>',
+        f'<text x="{L - 4}" y="{B + 4}" text-anchor="end">{lo:.3g}</text>',
+        f'<text x="{R}" y="{B + 16}" text-anchor="end">step {max_step}</text>',
+    ]
     for name, pts in lines.items():
         if not pts:
             continue
@@ -45,13 +102,16 @@ def training_svg(rows, width=900, height=260):
     """The three panels side by side for metrics rows (train.py's metrics.jsonl)."""
     max_step = max((r["step"] for r in rows), default=0)
     w = width // len(PANELS)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="sans-serif" '
-           'font-size="11">',
-           f'<text x="10" y="{height + 12}" fill="{COLOURS["train"]}">train (each step)</text>',
-           f'<text x="140" y="{height + 12}" fill="{COLOURS["eval"]}">held-out (--eval-input)</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="sans-serif" '
+        'font-size="11">',
+        f'<text x="10" y="{height + 12}" fill="{COLOURS["train"]}">train (each step)</text>',
+        f'<text x="140" y="{height + 12}" fill="{COLOURS["eval"]}">held-out (--eval-input)</text>',
+    ]
     for k, (title, train_key, eval_key) in enumerate(PANELS):
-        out += panel(title, {"train": series(rows, train_key), "eval": series(rows, eval_key)}, k * w, 0, w, height,
-                     max_step)
+        out += panel(
+            title, {"train": series(rows, train_key), "eval": series(rows, eval_key)}, k * w, 0, w, height, max_step
+        )
     return "\n".join(out + ["</svg>"]) + "\n"
 
 

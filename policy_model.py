@@ -2,16 +2,19 @@
 answer tokens: the vocabulary head applied at answer positions only, padded or packed
 micro-batches, gradient checkpointing, LoRA, and FSDP2 sharding under torchrun.
 
-Packing (--pack; train.py's default on the CPU, where it was measured): a micro-batch's
+Packing (--pack; train.py's default where cpu_speed.py says so, on the CPU): a micro-batch's
 chosen and rejected sequences are laid end to end in one row of N tokens, positions
 restarting at 0 for each, and attention runs causally within each sequence (one SDPA call
 per sequence), so no padding token is computed. The padded layout (2B rows of the longest
 length, the default on a GPU) gives the same log-probs to float tolerance (tests/test_train.py).
 """
+
+import math
 from functools import partial
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 import common
@@ -28,12 +31,14 @@ def packed_attention(module, query, key, value, attention_mask, lengths=None, **
     query: (1, heads, N, d), key/value: (1, kv_heads, N, d); lengths: the sequences' token
     counts (sum N). Returns ((1, N, heads, d), None), as transformers' attention functions do."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if lengths is None:
         raise ValueError(f"the {PACKED} attention needs the packed sequences' lengths")
     outs, s = [], 0
     for n in lengths:
-        o, _ = sdpa_attention_forward(module, query[:, :, s:s + n], key[:, :, s:s + n], value[:, :, s:s + n],
-                                      None, is_causal=True, **kwargs)
+        o, _ = sdpa_attention_forward(
+            module, query[:, :, s : s + n], key[:, :, s : s + n], value[:, :, s : s + n], None, is_causal=True, **kwargs
+        )
         outs.append(o)
         s += n
     return torch.cat(outs, dim=1), None
@@ -66,7 +71,7 @@ def answer_logps(hidden, lm_head, input_ids, answer_mask, chunk=HEAD_CHUNK, leng
     chunk = chunk or len(h)
     recompute = torch.is_grad_enabled() and h.requires_grad
     head = partial(checkpoint, token_logps, use_reentrant=False) if recompute else token_logps
-    lp = torch.cat([head(lm_head, h[s:s + chunk], targets[s:s + chunk]) for s in range(0, len(h), chunk)])
+    lp = torch.cat([head(lm_head, h[s : s + chunk], targets[s : s + chunk]) for s in range(0, len(h), chunk)])
     total = torch.zeros(n_seqs, device=hidden.device).index_add(0, owner, lp)
     return total, torch.bincount(owner, minlength=n_seqs)
 
@@ -81,6 +86,7 @@ class Policy(nn.Module):
         self.lm, self.head_chunk, self.bf16_autocast, self.pack = lm, head_chunk, bf16_autocast, pack
         if pack:
             from transformers import AttentionInterface
+
             AttentionInterface.register(PACKED, packed_attention)
             lm.set_attn_implementation(PACKED)
 
@@ -88,8 +94,9 @@ class Policy(nn.Module):
         """A batch from preference_data.collate -> (logp, n_tokens), each (sequences,)."""
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
             extra = {"lengths": lengths} if lengths is not None else {}
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=position_ids, **extra).last_hidden_state
+            hidden = self.lm.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
+            ).last_hidden_state
             return answer_logps(
                 hidden, self.lm.get_output_embeddings(), input_ids, answer_mask, self.head_chunk, lengths
             )
@@ -101,8 +108,9 @@ def build_policy(args, bf16):
     decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy. On the CPU in
     float32, cpu_speed.prepare_training lays the products out for speed."""
     sharded = distributed.WORLD > 1
-    lm = common.load_weights(args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32,
-                             to_device=not sharded)
+    lm = common.load_weights(
+        args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32, to_device=not sharded
+    )
     lm.config.use_cache = False
     if args.lora_rank:
         lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
@@ -137,7 +145,44 @@ def sequence_logps(policy, examples, pad_id):
 @torch.no_grad()
 def reference_forward(policy, examples, pad_id):
     """Summed answer log-probs of chosen and rejected without gradients (dpo's reference)."""
-    lp_c, lp_r, _, _ = sequence_logps(policy, examples, pad_id)
+    chosen_logps, rejected_logps, _, _ = sequence_logps(policy, examples, pad_id)
     if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
         policy.reshard()
-    return lp_c, lp_r
+    return chosen_logps, rejected_logps
+
+
+@torch.no_grad()
+def reference_logps(policy, examples, batch_size, pad_id):
+    """Summed log-probs of chosen and rejected under the starting model: (N, 2), for dpo.
+    Every rank computes its share (pairs rank, rank + world, ...), all gathered once."""
+    policy.eval()
+    mine = distributed.share(list(range(len(examples))))
+    n_batches = math.ceil(math.ceil(len(examples) / distributed.WORLD) / batch_size)  # equal on every rank
+    got = []
+    for b in common.progress(range(n_batches), desc="reference log-probs"):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        chosen_logps, rejected_logps = reference_forward(policy, [examples[i] for i in idx or [0]], pad_id)
+        got += list(zip(idx, chosen_logps.float().tolist(), rejected_logps.float().tolist()))
+    out = torch.zeros(len(examples), 2)
+    for part in distributed.all_gather(got):
+        for i, c, r in part:
+            out[i] = torch.tensor([c, r])
+    policy.train()
+    return out
+
+
+def dpo_reference(out, policy, examples, eval_examples, args, pad_id):
+    """Reference log-probs for dpo, of the training and the held-out pairs, computed once by the
+    starting model and kept (safetensors) for --resume; (None, None) with LoRA or another loss."""
+    if args.loss != "dpo" or args.lora_rank:
+        return None, None
+    path = out / "reference_logps.safetensors"
+    if args.resume and path.exists():
+        saved = load_file(path)
+        return saved["logps"], saved.get("eval_logps")
+    refs = {"logps": reference_logps(policy, examples, args.batch_size, pad_id)}
+    if eval_examples:
+        refs["eval_logps"] = reference_logps(policy, eval_examples, args.batch_size, pad_id)
+    if distributed.is_main():
+        save_file(refs, path)
+    return refs["logps"], refs.get("eval_logps")

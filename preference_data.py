@@ -6,6 +6,7 @@ and, for Eq. 3, `gap` (or the scores it is computed from). The prompt side of
 an answer is the chat template with add_generation_prompt=True; the answer side is what the
 template renders for the assistant turn after it, end-of-turn token included.
 """
+
 import math
 import random
 from pathlib import Path
@@ -31,7 +32,7 @@ def tokenize_answer(tok, prompt, answer, max_length):
         raise ValueError("the chat template's prompt is not a prefix of the rendered conversation")
     ids = tok(full_text, add_special_tokens=False)["input_ids"]
     p_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
-    if ids[:len(p_ids)] != p_ids:
+    if ids[: len(p_ids)] != p_ids:
         raise ValueError("the prompt's tokens are not a prefix of the conversation's tokens")
     if len(p_ids) >= max_length:
         return "prompt_too_long"
@@ -56,8 +57,10 @@ def pair_gap(where, rec, need_gap):
         except TypeError:
             raise common.InputError(f"{where}: chosen_scores and rejected_scores must be lists of numbers") from None
     if need_gap:
-        raise common.InputError(f"{where}: no 'gap' and no 'chosen_scores'/'rejected_scores': --loss spa weights "
-                                "pairs by their score gap; --loss simpo, dpo or sft need none")
+        raise common.InputError(
+            f"{where}: no 'gap' and no 'chosen_scores'/'rejected_scores': --loss spa weights "
+            "pairs by their score gap; --loss simpo, dpo or sft need none"
+        )
     return 0.0
 
 
@@ -65,30 +68,44 @@ def conversation_parts(where, rec):
     """(prompt, chosen, rejected) from strings, or from TRL's conversational format: `prompt` a
     list of messages (the context, any number of turns), `chosen` and `rejected` each a list
     holding one assistant message."""
+
     def answer(key):
         v = rec[key]
         if isinstance(v, str):
             return v
-        if (isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant"
-                and isinstance(v[0].get("content"), str)):
+        if (
+            isinstance(v, list)
+            and len(v) == 1
+            and isinstance(v[0], dict)
+            and v[0].get("role") == "assistant"
+            and isinstance(v[0].get("content"), str)
+        ):
             return v[0]["content"]
         raise common.InputError(f"{where}: {key} must be a string or a list of one assistant message")
+
     prompt = rec["prompt"]
-    ok = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+    ok = isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
+    )
     if not ok:
         raise common.InputError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
     if isinstance(prompt, list):
         roles = [m["role"] for m in prompt]
         unknown = sorted(set(roles) - {"system", "user", "assistant"})
         if unknown:
-            raise common.InputError(f"{where}: prompt has messages of unknown role {unknown[0]!r} "
-                                    "(known: system, user, assistant)")
+            raise common.InputError(
+                f"{where}: prompt has messages of unknown role {unknown[0]!r} (known: system, user, assistant)"
+            )
         if "system" in roles[1:]:
             raise common.InputError(f"{where}: prompt has a system message after its first message")
         if roles[-1] != "user":
-            raise common.InputError(f"{where}: prompt must end with a user message (the answer answers it), "
-                                    f"ends with {roles[-1]!r}")
+            raise common.InputError(
+                f"{where}: prompt must end with a user message (the answer answers it), ends with {roles[-1]!r}"
+            )
     return prompt, answer("chosen"), answer("rejected")
 
 
@@ -97,8 +114,10 @@ def load_pairs(path, tok, max_length, limit=None, need_gap=True):
     examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and a count of the pairs
     dropped per reason. need_gap: the loss weights pairs by their gap (spa)."""
     if Path(path).is_file() and not Path(path).read_text(encoding="utf-8", errors="replace").strip():
-        raise common.InputError(f"{path}: no pairs: denoising or the margin removed everything "
-                                "(loosen denoise.py --tau-quantile or pairs.py --delta)")
+        raise common.InputError(
+            f"{path}: no pairs: denoising or the margin removed everything "
+            "(loosen denoise.py --tau-quantile or pairs.py --delta)"
+        )
     rows = jsonl.read_jsonl(path, required=("prompt", "chosen", "rejected"))
     examples, dropped = [], {"prompt_too_long": 0, "empty_answer": 0}
     for n, where, rec in rows[:limit] if limit else rows:
@@ -134,9 +153,9 @@ def collate(examples, pad_id, pack=False):
     attn = torch.zeros((len(seqs), T), dtype=torch.bool)
     answer = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, (ids, n_p) in enumerate(seqs):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attn[i, :len(ids)] = True
-        answer[i, n_p:len(ids)] = True
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = True
+        answer[i, n_p : len(ids)] = True
     return dict(input_ids=input_ids, attention_mask=attn, answer_mask=answer)
 
 
@@ -144,12 +163,12 @@ def make_plan(examples, batch_size, accum, epochs, seed):
     """Optimizer steps as lists of micro-batches (lists of example indices). Micro-batches
     are buckets of similar length (little padding), shuffled per epoch with the seed.
     batch_size is the global micro-batch (per-device batch x world size): every rank builds
-    the same plan and takes its slice of each micro-batch (rank_slice)."""
+    the same plan and takes its share of each micro-batch (distributed.share)."""
     by_len = sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen"][0]) + len(examples[i]["rejected"][0]))
-    micro = [by_len[i:i + batch_size] for i in range(0, len(by_len), batch_size)]
+    micro = [by_len[i : i + batch_size] for i in range(0, len(by_len), batch_size)]
     steps = []
     for epoch in range(epochs):
         order = micro[:]
         random.Random(seed + epoch).shuffle(order)
-        steps += [order[i:i + accum] for i in range(0, len(order), accum)]
+        steps += [order[i : i + accum] for i in range(0, len(order), accum)]
     return steps

@@ -8,6 +8,7 @@ gathers several evaluation directories (vanilla, SPA, the ablations) into one of
 evaluate.py writes report.md, report.json and result.svg into its directory with these
 functions; the gathering command writes the same three from several report.json files.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ LAMBDAS = (5, 10, 20)
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
+
 
 def hh(primary, helpfulness, lam):
     """HH_lambda: the primary objective weighted lambda times helpfulness."""
@@ -43,9 +45,14 @@ def summarize(judged):
     a = [j["score_a"] for j in judged if j["score_a"] is not None]
     b = [j["score_b"] for j in judged if j["score_b"] is not None]
     both = [(j["score_a"], j["score_b"]) for j in judged if None not in (j["score_a"], j["score_b"])]
-    out = {"n": len(judged), "unreadable": 2 * len(judged) - len(a) - len(b),
-           "primary": float(np.mean(a)) if a else float("nan"), "primary_ci": bootstrap_ci(a),
-           "helpfulness": float(np.mean(b)) if b else float("nan"), "helpfulness_ci": bootstrap_ci(b)}
+    out = {
+        "n": len(judged),
+        "unreadable": 2 * len(judged) - len(a) - len(b),
+        "primary": float(np.mean(a)) if a else float("nan"),
+        "primary_ci": bootstrap_ci(a),
+        "helpfulness": float(np.mean(b)) if b else float("nan"),
+        "helpfulness_ci": bootstrap_ci(b),
+    }
     for lam in LAMBDAS:
         vals = [hh(x, y, lam) for x, y in both]
         out[f"hh{lam}"] = float(np.mean(vals)) if vals else float("nan")
@@ -72,11 +79,15 @@ def build_report(judgments, names, primary):
         report["models"][n] = summarize([j for j in scores if j["model"] == n])
         for c in cats:
             report["categories"].setdefault(c, {"models": {}})["models"][n] = summarize(
-                [j for j in scores if j["model"] == n and j.get("category") == c])
+                [j for j in scores if j["model"] == n and j.get("category") == c]
+            )
     if pair:
-        report["pairwise"] = {"model": names[-1], "baseline": names[0], **win_rates([p["outcome"] for p in pair]),
-                              "unreadable": sum(p.get("model_first") is None or p.get("model_second") is None
-                                                for p in pair)}
+        report["pairwise"] = {
+            "model": names[-1],
+            "baseline": names[0],
+            **win_rates([p["outcome"] for p in pair]),
+            "unreadable": sum(p.get("model_first") is None or p.get("model_second") is None for p in pair),
+        }
         for c in cats:
             report["categories"][c]["pairwise"] = win_rates([p["outcome"] for p in pair if p.get("category") == c])
     return report
@@ -85,15 +96,21 @@ def build_report(judgments, names, primary):
 def report_markdown(report, names):
     """A table in the paper's style: one row per model, the baseline (Vanilla) first."""
     ci = lambda m, k: f"{m[k]:.2f} [{m[k + '_ci'][0]:.2f}, {m[k + '_ci'][1]:.2f}]"
-    head = (f"| Model | {report['primary'].capitalize()} | Helpfulness | "
-            + " | ".join(f"HH_{lam}" for lam in LAMBDAS) + " | Win | Tie | Lose |")
+    head = (
+        f"| Model | {report['primary'].capitalize()} | Helpfulness | "
+        + " | ".join(f"HH_{lam}" for lam in LAMBDAS)
+        + " | Win | Tie | Lose |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     vs = pairwise_by_model(report)
     for n in names:
         m, pw = report["models"][n], vs.get(n)
         wtl = f"{pw['win']:.0%} | {pw['tie']:.0%} | {pw['lose']:.0%}" if pw else "- | - | -"
-        lines.append(f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
-                     + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS) + f" | {wtl} |")
+        lines.append(
+            f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
+            + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS)
+            + f" | {wtl} |"
+        )
     if report.get("categories"):
         lines += [
             "",
@@ -108,8 +125,10 @@ def report_markdown(report, names):
     n_unread = sum(report["models"][n]["unreadable"] for n in names)
     lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge scores could not be read (left out)."]
     for n, pw in vs.items():
-        lines.append(f"Pairwise ({n}): {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at "
-                     "least one order (counted as ties).")
+        lines.append(
+            f"Pairwise ({n}): {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at "
+            "least one order (counted as ties)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -120,23 +139,30 @@ def pairwise_by_model(report):
 
 # ----------------------------------------------------------------------------- the picture
 
+
 def svg(report, names, width=720, height=540):
     """Each model's mean primary score (y) against its mean helpfulness (x), with 95% intervals
     as bars, as an SVG written directly. The region the priority favours is shaded: primary
     held at the first model's (the baseline's) level or above, and within it, darker, both.
     A model without readable scores on both axes is left out, and the picture says so."""
     drawn = [n for n in names if all(np.isfinite(report["models"][n][k]) for k in ("primary", "helpfulness"))]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           'font-size="12">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="12">'
+    ]
     left_out = [n for n in names if n not in drawn]
     if left_out:
-        out.append(f'<text x="60" y="{height - 30}" fill="#b00">left out, no readable scores: '
-                   f'{escape(", ".join(left_out))}</text>')
+        out.append(
+            f'<text x="60" y="{height - 30}" fill="#b00">left out, no readable scores: '
+            f"{escape(', '.join(left_out))}</text>"
+        )
     if not drawn:
         return "\n".join(out + ["</svg>"]) + "\n"
     ms = [report["models"][n] for n in drawn]
-    span = lambda k: (np.floor(min(m[k + "_ci"][0] for m in ms) * 2) / 2 - 0.5,
-                      np.ceil(max(m[k + "_ci"][1] for m in ms) * 2) / 2 + 0.5)
+    span = lambda k: (
+        np.floor(min(m[k + "_ci"][0] for m in ms) * 2) / 2 - 0.5,
+        np.ceil(max(m[k + "_ci"][1] for m in ms) * 2) / 2 + 0.5,
+    )
     (x0, x1), (y0, y1) = span("helpfulness"), span("primary")
     L, R, T, B = 60, width - 20, 50, height - 50
     x = lambda v: L + (v - x0) / (x1 - x0) * (R - L)
@@ -144,21 +170,25 @@ def svg(report, names, width=720, height=540):
     out.append(f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>')
     if names[0] in drawn:
         base = ms[0]
-        out += [f'<rect class="favoured" x="{L}" y="{T}" width="{R - L}" height="{y(base["primary"]) - T:.1f}" '
-                'fill="#2a9d8f" fill-opacity="0.10"/>',
-                f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
-                f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
-                'fill-opacity="0.15"/>',
-                f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
-                f'{escape(names[0])}\'s, as the priority asks;</text>',
-                f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>']
+        out += [
+            f'<rect class="favoured" x="{L}" y="{T}" width="{R - L}" height="{y(base["primary"]) - T:.1f}" '
+            'fill="#2a9d8f" fill-opacity="0.10"/>',
+            f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
+            f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
+            'fill-opacity="0.15"/>',
+            f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
+            f"{escape(names[0])}'s, as the priority asks;</text>",
+            f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>',
+        ]
     for t in np.arange(x0, x1 + 1e-9, 0.5):
         out.append(f'<text x="{x(t):.1f}" y="{B + 15}" text-anchor="middle">{t:g}</text>')
     for t in np.arange(y0, y1 + 1e-9, 0.5):
         out.append(f'<text x="{L - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
-    out += [f'<text x="{(L + R) / 2}" y="{height - 12}" text-anchor="middle">helpfulness (mean, 95% CI)</text>',
-            f'<text transform="translate(14,{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
-            f'{escape(report["primary"])} (mean, 95% CI)</text>']
+    out += [
+        f'<text x="{(L + R) / 2}" y="{height - 12}" text-anchor="middle">helpfulness (mean, 95% CI)</text>',
+        f'<text transform="translate(14,{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
+        f"{escape(report['primary'])} (mean, 95% CI)</text>",
+    ]
     colours = ["#555", "#e76f51", "#264653", "#e9c46a", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5"]
     for n, m in zip(drawn, ms):
         c, px, py = colours[names.index(n) % len(colours)], x(m["helpfulness"]), y(m["primary"])
@@ -185,6 +215,7 @@ def write(out_dir, report, names):
 
 # ----------------------------------------------------------------------------- gathering
 
+
 def gather(reports, dirs):
     """Several evaluate.py reports (from dirs) -> one: every model once (the first directory's
     baseline first), each model's pairwise result against its baseline kept. A name that
@@ -206,8 +237,15 @@ def gather(reports, dirs):
     return merged
 
 
-METRICS = ("n", "unreadable", "primary", "primary_ci", "helpfulness", "helpfulness_ci",
-           *(f"hh{lam}{ci}" for lam in LAMBDAS for ci in ("", "_ci")))
+METRICS = (
+    "n",
+    "unreadable",
+    "primary",
+    "primary_ci",
+    "helpfulness",
+    "helpfulness_ci",
+    *(f"hh{lam}{ci}" for lam in LAMBDAS for ci in ("", "_ci")),
+)
 
 
 def read_report(path):
@@ -226,8 +264,9 @@ def read_report(path):
         and all(isinstance(m, dict) and all(k in m for k in METRICS) for m in r["models"].values())
     )
     if not ok:
-        raise common.InputError(f"{path}: not a report written by evaluate.py (it needs 'primary' and 'models' with "
-                                "each model's metrics)")
+        raise common.InputError(
+            f"{path}: not a report written by evaluate.py (it needs 'primary' and 'models' with each model's metrics)"
+        )
     return r
 
 

@@ -11,6 +11,7 @@ prompt files among them) and a fingerprint of each input record: a rerun with ot
 or a changed input record is refused, naming what differs, instead of mixing two runs in one
 file. `OUT.lock` keeps a second run out. No file the run reads may be one of these.
 """
+
 import fcntl
 import hashlib
 import json
@@ -38,8 +39,9 @@ def complete_records(path):
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                raise common.InputError(f"{path}:{n}: existing output is corrupt (malformed JSON); "
-                                        "fix it or rerun with --overwrite") from None
+                raise common.InputError(
+                    f"{path}:{n}: existing output is corrupt (malformed JSON); fix it or rerun with --overwrite"
+                ) from None
     return out, keep
 
 
@@ -75,8 +77,12 @@ def release(held):
         os.close(fd)
 
 
-NOT_FLAGS = {"weights": "the model's files", "inference": "the inference path (device, SPA_CPU_SPEED, --compile)",
-             "prompts": "the files of prompts/"}
+NOT_FLAGS = {
+    "weights": "the model's files",
+    "inference": "the inference path (device, SPA_CPU_SPEED, --compile)",
+    "prompts": "the files of prompts/",
+    "models": "the models (--model, --baseline, their names and files)",
+}
 
 
 def setting_name(key):
@@ -146,8 +152,10 @@ class Output:
         fps = {r["id"]: fingerprint(r) for r in self.inputs}
         old = json.loads(self.meta.read_text()) if self.meta.exists() and not overwrite else None
         if old is None and not overwrite and (self.path.exists() or self._parts()):
-            return (f"{self.path}: exists but has no {self.meta.name} saying how it was made; "
-                    "rerun with --overwrite or use another --output")
+            return (
+                f"{self.path}: exists but has no {self.meta.name} saying how it was made; "
+                "rerun with --overwrite or use another --output"
+            )
         if old is not None:
             differ = sorted(
                 k for k in set(settings) | set(old["settings"]) if settings.get(k) != old["settings"].get(k)
@@ -156,13 +164,17 @@ class Output:
                 was = ", ".join(
                     f"{setting_name(k)} {old['settings'].get(k)!r} (now {settings.get(k)!r})" for k in differ
                 )
-                return (f"{self.path}: was made with {was}; rerun with the same settings, "
-                        "or use --overwrite or another --output")
+                return (
+                    f"{self.path}: was made with {was}; rerun with the same settings, "
+                    "or use --overwrite or another --output"
+                )
             fps = {**old["inputs"], **fps}
             changed = [i for i, f in old["inputs"].items() if i in fps and fps[i] != f]
             if changed:
-                return (f"{self.path}: input record(s) {', '.join(changed[:5])} changed since the output was "
-                        "started; use --overwrite or another --output")
+                return (
+                    f"{self.path}: input record(s) {', '.join(changed[:5])} changed since the output was "
+                    "started; use --overwrite or another --output"
+                )
         jsonl.write_atomic(self.meta, json.dumps({"settings": settings, "inputs": fps}, ensure_ascii=False) + "\n")
         return None
 
@@ -179,8 +191,9 @@ class Output:
         done = set()
         for p, rec in self._existing():
             if str(rec.get("id")) not in ids:
-                raise common.InputError(f"{p}: holds id {rec.get('id')!r}, which is not in this input; "
-                                        "use another --output or --overwrite")
+                raise common.InputError(
+                    f"{p}: holds id {rec.get('id')!r}, which is not in this input; use another --output or --overwrite"
+                )
             done.add(str(rec["id"]))
         return done
 
@@ -189,7 +202,7 @@ class Output:
         waste little padding, cut into batches, dealt to ranks in turn. A batch's members do
         not depend on the number of ranks."""
         todo = sorted((r for r in self.pending if where is None or where(r)), key=lambda r: len(r[key]))
-        return distributed.share([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)])
+        return distributed.share([todo[i : i + batch_size] for i in range(0, len(todo), batch_size)])
 
     def write(self, records):
         for rec in records:

@@ -11,6 +11,7 @@ Adds to each prompt record: candidates = [{"text", "system", "temperature"}, ...
 k of prompt x draws its randomness from (--seed, x's id, k) only: the same samples at any
 batch size and on any number of GPUs.
 """
+
 import argparse
 import json
 
@@ -21,22 +22,22 @@ import generation
 from resumable import Output
 
 
-def candidate_plan(n, systems, temperatures):
+def candidate_variants(n, systems, temperatures):
     """[(system_name, temperature)] for candidates 0..n-1, spread over both lists."""
     V, T = len(systems), len(temperatures)
-    plan = []
+    variants = []
     for k in range(n):
         c = k % (V * T)
-        plan.append((systems[c % V], temperatures[(c + c // V) % T]))
-    return plan
+        variants.append((systems[c % V], temperatures[(c + c // V) % T]))
+    return variants
 
 
-def sample_batch(model, tok, batch, plan, system_texts, args):
+def sample_batch(model, tok, batch, variants, system_texts, args):
     """Candidates for a batch of prompt records, all in one generate call: a row per
     (prompt, candidate), each with its own system prompt, temperature and random stream."""
-    convs = [generation.user_turn(r["prompt"], system_texts[s]) for r in batch for s, _ in plan]
-    temps = [t for _ in batch for _, t in plan]
-    keys = [f"{r['id']}/{k}" for r in batch for k in range(len(plan))]
+    convs = [generation.user_turn(r["prompt"], system_texts[s]) for r in batch for s, _ in variants]
+    temps = [t for _ in batch for _, t in variants]
+    keys = [f"{r['id']}/{k}" for r in batch for k in range(len(variants))]
     texts = generation.generate(
         model,
         tok,
@@ -49,27 +50,42 @@ def sample_batch(model, tok, batch, plan, system_texts, args):
         keys=keys,
         compile=args.compile,
     )
-    n = len(plan)
-    return [dict(rec, candidates=[{"text": texts[r * n + k], "system": s, "temperature": t}
-                                  for k, (s, t) in enumerate(plan)]) for r, rec in enumerate(batch)]
+    n = len(variants)
+    return [
+        dict(
+            rec,
+            candidates=[{"text": texts[r * n + k], "system": s, "temperature": t} for k, (s, t) in enumerate(variants)],
+        )
+        for r, rec in enumerate(batch)
+    ]
 
 
 def main():
-    p = common.add_common_args(argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = common.add_common_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     common.add_prompt_args(p)
     p.add_argument("--num-candidates", type=int, default=4, help="candidates per prompt, n (default 4)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.8, 1.1],
-                   help="sampling temperatures to spread candidates over (default 0.8 1.1)")
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[0.8, 1.1],
+        help="sampling temperatures to spread candidates over (default 0.8 1.1)",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
-    p.add_argument("--systems", nargs="+", default=None,
-                   help="system-prompt variants from prompts/systems.json (default: all)")
+    p.add_argument(
+        "--systems", nargs="+", default=None, help="system-prompt variants from prompts/systems.json (default: all)"
+    )
     p.add_argument(
         "--max-new-tokens", type=common.positive_int, default=128, help="answer length cap in tokens (default 128)"
     )
-    p.add_argument("--truncate-prompts", action="store_true",
-                   help="cut prompts that do not fit the model's context with the answer budget (keeping their "
-                        "beginning; counted, and marked prompt_truncated) instead of refusing them")
+    p.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        help="cut prompts that do not fit the model's context with the answer budget (keeping their "
+        "beginning; counted, and marked prompt_truncated) instead of refusing them",
+    )
     args = p.parse_args()
 
     system_texts = json.loads(common.load_prompt("systems.json"))
@@ -79,7 +95,7 @@ def main():
         raise common.InputError(f"unknown system variant {unknown[0]!r}; known: {', '.join(system_texts)}")
     if args.num_candidates < 2:
         raise common.InputError("--num-candidates must be at least 2 (denoising needs a covariance)")
-    plan = candidate_plan(args.num_candidates, systems, args.temperatures)
+    variants = candidate_variants(args.num_candidates, systems, args.temperatures)
     settings = dict(
         **common.model_settings(args.model, args.compile),
         seed=args.seed,
@@ -96,8 +112,9 @@ def main():
     if args.truncate_prompts:
         tok = common.load_tokenizer(args.model)
         context = common.model_config(args.model).max_position_embeddings
-        records, cut = generation.truncate_prompts(tok, records, [system_texts[s] for s in systems],
-                                                   args.max_new_tokens, context)
+        records, cut = generation.truncate_prompts(
+            tok, records, [system_texts[s] for s in systems], args.max_new_tokens, context
+        )
     with Output(
         args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]
     ) as out:
@@ -105,10 +122,12 @@ def main():
         if batches:
             model, tok = common.load_for_inference(args.model, args.compile)
         for batch in common.progress(batches, desc="sample", unit="batch"):
-            out.write(sample_batch(model, tok, batch, plan, system_texts, args))
+            out.write(sample_batch(model, tok, batch, variants, system_texts, args))
     new = int(distributed.all_sum([out.new])[0])
-    common.log(f"sample: {len(records)} prompts x {args.num_candidates} candidates -> {args.output} "
-               f"({new} new, {len(records) - new} resumed{f', {cut} prompts truncated' if cut else ''})")
+    common.log(
+        f"sample: {len(records)} prompts x {args.num_candidates} candidates -> {args.output} "
+        f"({new} new, {len(records) - new} resumed{f', {cut} prompts truncated' if cut else ''})"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ make the same steps as 1 rank x batch N*B. The output directory gets save_pretra
 (safetensors) with the tokenizer and chat template, train_config.json and metrics.jsonl (a
 row per optimizer step); while training it also holds checkpoint/ for --resume.
 """
+
 import argparse
 import math
 import shutil
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 import checkpoints
 import common
@@ -43,6 +43,7 @@ import resumable
 
 # ----------------------------------------------------------------------------- the mathematics
 
+
 def uncertainty_weights(gaps, mean_gap, alpha):
     """w_i = (gap_i / mean_gap)^alpha of Eq. 3, detached. mean_gap runs over every pair of
     the optimizer step; if it is 0 (all gaps zero) every w_i is 1. gaps: (B,) -> (B,)."""
@@ -51,39 +52,52 @@ def uncertainty_weights(gaps, mean_gap, alpha):
     return ((gaps / mean_gap) ** alpha).detach()
 
 
-def preference_losses(logp_c, logp_r, n_c, n_r, weights, loss, beta, gamma, ref_c=None, ref_r=None):
-    """Per-pair losses and rewards.
-    logp_c, logp_r: (B,) summed log pi of the chosen / rejected answer tokens
-    n_c, n_r:       (B,) their token counts (|y|)
-    weights:        (B,) w_i (spa); ignored by the other losses
-    ref_c, ref_r:   (B,) summed reference log-probs (dpo only)
-    Returns (losses (B,), reward_chosen (B,), reward_rejected (B,))."""
-    if loss in ("spa", "simpo"):
-        r_c, r_r = beta * logp_c / n_c, beta * logp_r / n_r  # Eq. 3: length-normalised rewards
-        losses = -F.logsigmoid(r_c - r_r - gamma)
-        return (weights * losses if loss == "spa" else losses), r_c, r_r
+def preference_losses(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    weights,
+    loss,
+    beta,
+    gamma,
+    reference_chosen_logps=None,
+    reference_rejected_logps=None,
+):
+    """Per-pair losses and rewards (TRL's names).
+    policy_chosen_logps, policy_rejected_logps: (B,) summed log pi of the chosen / rejected answer tokens
+    chosen_lengths, rejected_lengths:           (B,) their token counts (|y|)
+    weights:                                    (B,) w_i (spa); ignored by the other losses
+    reference_chosen_logps, ..._rejected_logps: (B,) summed reference log-probs (dpo only)
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,))."""
+    if loss in ("spa", "simpo"):  # Eq. 3: length-normalised rewards
+        chosen_rewards = beta * policy_chosen_logps / chosen_lengths
+        rejected_rewards = beta * policy_rejected_logps / rejected_lengths
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+        return (weights * losses if loss == "spa" else losses), chosen_rewards, rejected_rewards
     if loss == "dpo":
-        r_c, r_r = beta * (logp_c - ref_c), beta * (logp_r - ref_r)
-        return -F.logsigmoid(r_c - r_r), r_c, r_r
+        chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+        rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+        return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
     if loss == "sft":
-        return -logp_c / n_c, beta * logp_c / n_c, beta * logp_r / n_r
+        return (
+            -policy_chosen_logps / chosen_lengths,
+            beta * policy_chosen_logps / chosen_lengths,
+            beta * policy_rejected_logps / rejected_lengths,
+        )
     raise ValueError(f"unknown loss {loss!r}")
-
-
-def rank_slice(micro_batch):
-    """This rank's contiguous slice of a global micro-batch (per-device batch each)."""
-    per = math.ceil(len(micro_batch) / distributed.WORLD)
-    return micro_batch[distributed.RANK * per:(distributed.RANK + 1) * per]
 
 
 # ----------------------------------------------------------------------------- one step, one evaluation
 
+
 def pair_losses(policy, examples, idx, args, pad_id, mean_gap, ref=None):
-    """Eq. 3 (or the --loss variant) on the pairs examples[idx]: a dict of (B,) tensors,
-    loss, r_c, r_r (rewards), lp_c, lp_r (summed log-probs), n_c, n_r (answer tokens), w."""
+    """Eq. 3 (or the --loss variant) on the pairs examples[idx]: a dict of (B,) tensors, loss,
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps (summed), chosen_lengths,
+    rejected_lengths (answer tokens) and w."""
     ex = [examples[i] for i in idx]
-    lp_c, lp_r, n_c, n_r = policy_model.sequence_logps(policy, ex, pad_id)
-    gaps = torch.tensor([e["gap"] for e in ex], device=lp_c.device)
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = policy_model.sequence_logps(policy, ex, pad_id)
+    gaps = torch.tensor([e["gap"] for e in ex], device=chosen_logps.device)
     w = uncertainty_weights(gaps, mean_gap, args.alpha) if args.loss == "spa" else torch.ones_like(gaps)
     refs = (None, None)
     if args.loss == "dpo" and ref is None:  # LoRA: the reference is the model with its adapters off
@@ -91,31 +105,24 @@ def pair_losses(policy, examples, idx, args, pad_id, mean_gap, ref=None):
         refs = policy_model.reference_forward(policy, ex, pad_id)
         lora.set_enabled(policy, True)
     elif ref is not None:
-        refs = (ref[idx, 0].to(lp_c.device), ref[idx, 1].to(lp_c.device))
-    loss, r_c, r_r = preference_losses(lp_c, lp_r, n_c, n_r, w, args.loss, args.beta, args.gamma, *refs)
+        refs = (ref[idx, 0].to(chosen_logps.device), ref[idx, 1].to(chosen_logps.device))
+    loss, chosen_rewards, rejected_rewards = preference_losses(
+        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, w, args.loss, args.beta, args.gamma, *refs
+    )
     if not torch.isfinite(loss.sum()):
-        raise FloatingPointError(f"loss is {loss.sum().item()} in pairs {[e['id'] for e in ex]} "
-                                 f"(lines {[e['line'] for e in ex]})")
-    return dict(loss=loss, r_c=r_c, r_r=r_r, lp_c=lp_c, lp_r=lp_r, n_c=n_c, n_r=n_r, w=w)
-
-
-def add_stats(stats, out, n_pairs):
-    """Add one micro-batch's sums to stats (the loss already divided by the step's n_pairs)."""
-    stats["loss"] += out["loss"].sum().item() / n_pairs
-    stats["r_c"] += out["r_c"].sum().item()
-    stats["r_r"] += out["r_r"].sum().item()
-    stats["acc"] += (out["r_c"] > out["r_r"]).sum().item()
-    stats["lp_c"] += (out["lp_c"] / out["n_c"]).sum().item()
-    stats["lp_r"] += (out["lp_r"] / out["n_r"]).sum().item()
-    stats["tokens"] += (out["n_c"].sum() + out["n_r"].sum()).item()
-    stats["zero_w"] += (out["w"] == 0).sum().item()
-    stats["w_sum"] += out["w"].sum().item()
-    stats.update(w_min=min(stats["w_min"], out["w"].min().item()), w_max=max(stats["w_max"], out["w"].max().item()))
-
-
-def new_stats():
-    return dict({k: 0.0 for k in ("loss", "r_c", "r_r", "acc", "lp_c", "lp_r", "tokens", "zero_w", "w_sum")},
-                w_min=math.inf, w_max=-math.inf)
+        raise FloatingPointError(
+            f"loss is {loss.sum().item()} in pairs {[e['id'] for e in ex]} (lines {[e['line'] for e in ex]})"
+        )
+    return dict(
+        loss=loss,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        w=w,
+    )
 
 
 def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
@@ -128,13 +135,13 @@ def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
     n_pairs = sum(len(mb) for mb in micro_batches)
     mean_gap = sum(examples[i]["gap"] for mb in micro_batches for i in mb) / n_pairs
     scale = distributed.WORLD / n_pairs  # FSDP averages gradients over ranks; we want the sum / n_pairs
-    stats = new_stats()
+    stats = metrics_log.new_stats()
     for mb in micro_batches:
-        mine = rank_slice(mb)
+        mine = distributed.share(mb)
         out = pair_losses(policy, examples, mine or mb[:1], args, pad_id, mean_gap, ref)
         (out["loss"].sum() * scale * (1.0 if mine else 0.0)).backward()
         if mine:
-            add_stats(stats, out, n_pairs)
+            metrics_log.add_stats(stats, out, n_pairs)
     return stats, n_pairs
 
 
@@ -142,152 +149,133 @@ def train_step(policy, examples, micro_batches, args, pad_id, ref=None):
 def evaluate_pairs(policy, examples, args, pad_id, ref=None):
     """The held-out pairs through the model without gradients, as TRL's trainers report them:
     eval_loss (Eq. 3's mean over the pairs, the weights' mean gap taken over all of them),
-    eval_rewards/chosen, /rejected, /margins, /accuracies (the share with r_c > r_r) and
+    eval_rewards/chosen, /rejected, /margins, /accuracies (the share with chosen_rewards > rejected_rewards) and
     eval_logps/chosen, /rejected (mean log-prob per answer token). Each rank takes its slice
     of every global micro-batch, as in training."""
     policy.eval()
     n = len(examples)
     mean_gap = sum(e["gap"] for e in examples) / n
-    stats, step = new_stats(), args.batch_size * distributed.WORLD
-    for start in range(0, n, step):
-        mb = list(range(start, min(start + step, n)))
-        mine = rank_slice(mb)
+    stats, stride = metrics_log.new_stats(), args.batch_size * distributed.WORLD
+    for start in range(0, n, stride):
+        mb = list(range(start, min(start + stride, n)))
+        mine = distributed.share(mb)
         out = pair_losses(policy, examples, mine or mb[:1], args, pad_id, mean_gap, ref)
         if mine:
-            add_stats(stats, out, n)
+            metrics_log.add_stats(stats, out, n)
     if hasattr(policy, "reshard"):  # FSDP2 keeps the root's parameters gathered after a no-grad forward
         policy.reshard()
     policy.train()
-    s = reduce_stats(stats)
-    return {"eval_loss": s["loss"], "eval_rewards/chosen": s["r_c"] / n, "eval_rewards/rejected": s["r_r"] / n,
-            "eval_rewards/margins": (s["r_c"] - s["r_r"]) / n, "eval_rewards/accuracies": s["acc"] / n,
-            "eval_logps/chosen": s["lp_c"] / n, "eval_logps/rejected": s["lp_r"] / n}
-
-
-def reduce_stats(stats):
-    """Sum the statistics over ranks (min and max for the weights' extremes)."""
-    keys = [k for k in stats if k not in ("w_min", "w_max")]
-    out = dict(zip(keys, distributed.all_sum([stats[k] for k in keys])))
-    out.update(w_min=distributed.all_reduce(stats["w_min"], "min"), w_max=distributed.all_reduce(stats["w_max"], "max"))
-    return out
-
-
-@torch.no_grad()
-def reference_logps(policy, examples, batch_size, pad_id):
-    """Summed log-probs of chosen and rejected under the starting model: (N, 2), for dpo.
-    Every rank computes its share (pairs rank, rank + world, ...), all gathered once."""
-    policy.eval()
-    mine = distributed.share(list(range(len(examples))))
-    n_batches = math.ceil(math.ceil(len(examples) / distributed.WORLD) / batch_size)  # equal on every rank
-    got = []
-    for b in common.progress(range(n_batches), desc="reference log-probs"):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        lp_c, lp_r = policy_model.reference_forward(policy, [examples[i] for i in idx or [0]], pad_id)
-        got += list(zip(idx, lp_c.float().tolist(), lp_r.float().tolist()))
-    out = torch.zeros(len(examples), 2)
-    for part in distributed.all_gather(got):
-        for i, c, r in part:
-            out[i] = torch.tensor([c, r])
-    policy.train()
-    return out
+    s = metrics_log.reduce_stats(stats)
+    return {"eval_loss": s["loss"], **metrics_log.trl_metrics(s, n, "eval_")}
 
 
 def lr_lambda(warmup, total):
     """Linear warm-up, then cosine decay to 0."""
+
     def f(step):
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
     return f
 
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="pairs from pairs.py, or any prompt/chosen/rejected data (JSONL or "
-                   "a JSON array; strings or conversational messages; gap needed by --loss spa only)")
-    p.add_argument("--eval-input", default=None, help="held-out pairs, evaluated before the first step, every "
-                   "--eval-every steps and at the end (eval_loss, eval_rewards/accuracies, ... in metrics.jsonl)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations of --eval-input (default 0: "
-                   "before and after training only)")
-    p.add_argument("--output", required=True, help="output model directory")
-    p.add_argument("--model", default=common.DEFAULT_MODEL, help="starting model (default: the embedded one)")
-    p.add_argument("--loss", choices=["spa", "simpo", "dpo", "sft"], default="spa", help="default spa (Eq. 3)")
-    p.add_argument("--beta", type=float, default=None, help="reward scale (default 2.5; 0.1 for dpo)")
-    p.add_argument("--gamma", type=float, default=1.375, help="target reward margin (default 1.375)")
-    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the uncertainty weights (default 1)")
-    p.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
-    p.add_argument("--epochs", type=common.positive_int, default=1, help="passes over the pairs (default 1)")
-    p.add_argument(
-        "--batch-size", type=common.positive_int, default=4, help="pairs per micro-batch per device (default 4)"
+    add, count, switch = p.add_argument, common.positive_int, argparse.BooleanOptionalAction
+    add(
+        "--input",
+        required=True,
+        help="pairs from pairs.py, or any prompt/chosen/rejected data (JSONL or a JSON "
+        "array; strings or conversational messages; gap needed by --loss spa only)",
     )
-    p.add_argument(
-        "--grad-accum", type=common.positive_int, default=2, help="micro-batches per optimizer step (default 2)"
+    add(
+        "--eval-input",
+        default=None,
+        help="held-out pairs, evaluated before the first step, every --eval-every "
+        "steps and at the end (eval_loss, eval_rewards/accuracies, ... in metrics.jsonl)",
     )
-    p.add_argument(
-        "--max-length", type=common.positive_int, default=512, help="tokens per prompt + answer (default 512)"
+    add("--eval-every", type=int, default=0, help="steps between evaluations (default 0: before and after only)")
+    add("--output", required=True, help="output model directory")
+    add("--model", default=common.DEFAULT_MODEL, help="starting model (default: the embedded one)")
+    add("--loss", choices=["spa", "simpo", "dpo", "sft"], default="spa", help="default spa (Eq. 3)")
+    add("--beta", type=float, default=None, help="reward scale (default 2.5; 0.1 for dpo)")
+    add("--gamma", type=float, default=1.375, help="target reward margin (default 1.375)")
+    add("--alpha", type=float, default=1.0, help="exponent of the uncertainty weights (default 1)")
+    add("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6)")
+    add("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default 0.1)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
+    add("--epochs", type=count, default=1, help="passes over the pairs (default 1)")
+    add("--batch-size", type=count, default=4, help="pairs per micro-batch per device (default 4)")
+    add("--grad-accum", type=count, default=2, help="micro-batches per optimizer step (default 2)")
+    add("--max-length", type=count, default=512, help="tokens per prompt + answer (default 512)")
+    add(
+        "--head-chunk",
+        type=int,
+        default=policy_model.HEAD_CHUNK,
+        help="answer positions per pass of the "
+        f"vocabulary head, recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)",
     )
-    p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
-                   help="answer positions per pass of the vocabulary head; each chunk's logits are "
-                        f"recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                   help="lay a micro-batch's sequences end to end in one row, attention within each: no padding "
-                        "computed (default: on on the CPU, where it was measured; off on a GPU: every sequence "
-                        "padded to the longest)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute activations in backward to save memory (default on)")
-    p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
-                   help="bf16 compute over float32 master weights: auto = bf16 on CUDA, float32 on the CPU; "
-                        "bf16 also runs on the CPU (slowly: for tests)")
-    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="dtype of the saved model's weights (default float32)")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
-    p.add_argument("--lora-targets", nargs="+", default=list(lora.DEFAULT_TARGETS),
-                   help=f"linear layers given adapters (default: {' '.join(lora.DEFAULT_TARGETS)})")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (default 50)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start again in an output that holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps, as a crash would (for tests)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N pairs")
+    add(
+        "--pack",
+        action=switch,
+        default=None,
+        help="lay a micro-batch's sequences end to end in one row, attention "
+        "within each: no padding computed (default: cpu_speed.py's choice on the CPU, on; off on a GPU and with "
+        "SPA_CPU_SPEED=0: every sequence padded to the longest)",
+    )
+    add("--gradient-checkpointing", action=switch, default=True, help="recompute activations in backward (default on)")
+    add(
+        "--mixed-precision",
+        choices=["auto", "bf16", "no"],
+        default="auto",
+        help="bf16 compute over float32 master "
+        "weights: auto = bf16 on CUDA, float32 on the CPU; bf16 also runs on the CPU (slowly: for tests)",
+    )
+    add(
+        "--save-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="saved weights' dtype (default float32)",
+    )
+    add("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
+    add("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
+    add(
+        "--lora-targets",
+        nargs="+",
+        default=list(lora.DEFAULT_TARGETS),
+        help=f"linear layers given adapters (default: {' '.join(lora.DEFAULT_TARGETS)})",
+    )
+    add("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (default 50)")
+    add("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    add("--overwrite", action="store_true", help="start again in an output that holds a checkpoint")
+    add("--seed", type=int, default=0, help="random seed (default 0)")
+    add("--limit", type=count, default=None, help="only the first N pairs")
     args = p.parse_args(argv)
     if args.beta is None:
         args.beta = 0.1 if args.loss == "dpo" else 2.5
-    if args.pack is None:
-        args.pack = common.device().type == "cpu"
+    if args.pack is None:  # packing pays on the CPU, where cpu_speed.py decides it; a GPU pads
+        speed = common.cpu_speed_module()
+        args.pack = bool(speed and speed.PACK_BY_DEFAULT)
     if args.lora_rank < 0:
         p.error("--lora-rank must be >= 0")
     return args
 
 
-def dpo_reference(out, policy, examples, eval_examples, args, pad_id):
-    """Reference log-probs for dpo, of the training and the held-out pairs, computed once by the
-    starting model and kept (safetensors) for --resume; (None, None) with LoRA or another loss."""
-    if args.loss != "dpo" or args.lora_rank:
-        return None, None
-    path = out / "reference_logps.safetensors"
-    if args.resume and path.exists():
-        saved = load_file(path)
-        return saved["logps"], saved.get("eval_logps")
-    refs = {"logps": reference_logps(policy, examples, args.batch_size, pad_id)}
-    if eval_examples:
-        refs["eval_logps"] = reference_logps(policy, eval_examples, args.batch_size, pad_id)
-    if distributed.is_main():
-        save_file(refs, path)
-    return refs["logps"], refs.get("eval_logps")
-
-
 def load_data(args, tok):
     """The training pairs and the held-out ones (--eval-input, else []), with the drop counts."""
-    examples, dropped = preference_data.load_pairs(args.input, tok, args.max_length, args.limit,
-                                                   need_gap=args.loss == "spa")
-    held_out = preference_data.load_pairs(args.eval_input, tok, args.max_length, need_gap=args.loss == "spa")[0] \
-        if args.eval_input else []
+    examples, dropped = preference_data.load_pairs(
+        args.input, tok, args.max_length, args.limit, need_gap=args.loss == "spa"
+    )
+    held_out = (
+        preference_data.load_pairs(args.eval_input, tok, args.max_length, need_gap=args.loss == "spa")[0]
+        if args.eval_input
+        else []
+    )
     return examples, held_out, dropped
 
 
@@ -299,11 +287,11 @@ def main(argv=None):
     tok = common.load_tokenizer(args.model)
     examples, held_out, dropped = load_data(args, tok)
     checkpoints.check_output(out, args)
-    held = resumable.lock(out / "train.lock", out)  # one run per output directory
+    lock = resumable.lock(out / "train.lock", out)  # one run per output directory
     try:
         fit(args, out, tok, examples, held_out, dropped)
     finally:
-        resumable.release(held)
+        resumable.release(lock)
 
 
 def fit(args, out, tok, examples, held_out, dropped):
@@ -316,7 +304,7 @@ def fit(args, out, tok, examples, held_out, dropped):
     distributed.barrier()
     policy = policy_model.build_policy(args, bf16)
     pad_id = tok.pad_token_id
-    ref, eval_ref = dpo_reference(out, policy, examples, held_out, args, pad_id)
+    ref, eval_ref = policy_model.dpo_reference(out, policy, examples, held_out, args, pad_id)
     plan = preference_data.make_plan(
         examples, args.batch_size * distributed.WORLD, args.grad_accum, args.epochs, args.seed
     )
@@ -328,13 +316,16 @@ def fit(args, out, tok, examples, held_out, dropped):
     metrics = metrics_log.Metrics(out / "metrics.jsonl", start)
     zero_gap = sum(e["gap"] == 0 for e in examples)
     n_train = sum(p.numel() for _, p in named)
-    common.log(f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
-               f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(held_out)} held-out "
-               f"pairs, {len(plan)} steps of {args.batch_size} per device x {args.grad_accum} accumulation x "
-               f"{distributed.WORLD} process(es) = {args.batch_size * args.grad_accum * distributed.WORLD} pairs; "
-               f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "
-               f"master weights, {'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained "
-               "parameters", file=sys.stderr)
+    common.log(
+        f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
+        f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(held_out)} held-out "
+        f"pairs, {len(plan)} steps of {args.batch_size} per device x {args.grad_accum} accumulation x "
+        f"{distributed.WORLD} process(es) = {args.batch_size * args.grad_accum * distributed.WORLD} pairs; "
+        f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "
+        f"master weights, {'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained "
+        "parameters",
+        file=sys.stderr,
+    )
     evaluate_now = lambda step: (
         held_out and (step == 0 or step == len(plan) or args.eval_every and step % args.eval_every == 0)
     )
@@ -356,31 +347,45 @@ def fit(args, out, tok, examples, held_out, dropped):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=False)  # gradient buffers kept: reallocating them each step fragments the heap
-        s = reduce_stats(s)
+        s = metrics_log.reduce_stats(s)
         dt = time.time() - t0
-        row = {"step": step + 1, "loss": s["loss"], "rewards/chosen": s["r_c"] / n, "rewards/rejected": s["r_r"] / n,
-               "rewards/accuracies": s["acc"] / n, "rewards/margins": (s["r_c"] - s["r_r"]) / n,
-               "logps/chosen": s["lp_c"] / n, "logps/rejected": s["lp_r"] / n, "weight/mean": s["w_sum"] / n,
-               "weight/min": s["w_min"], "weight/max": s["w_max"], "weight/zero": s["zero_w"], "lr": lr,
-               "grad_norm": grad_norm, "pairs_per_s": n / dt, "tokens_per_s": s["tokens"] / dt}
+        row = {
+            "step": step + 1,
+            "loss": s["loss"],
+            **metrics_log.trl_metrics(s, n),
+            "weight/mean": s["w_sum"] / n,
+            "weight/min": s["w_min"],
+            "weight/max": s["w_max"],
+            "weight/zero": s["zero_w"],
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "pairs_per_s": n / dt,
+            "tokens_per_s": s["tokens"] / dt,
+        }
         if evaluate_now(step + 1):
             row.update(evaluate_pairs(policy, held_out, args, pad_id, eval_ref))
         metrics.write(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}",
-                        acc=f"{row['rewards/accuracies']:.2f}")
-        if args.save_every and (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}", acc=f"{row['rewards/accuracies']:.2f}"
+        )
+        if args.save_every and (step + 1) % args.save_every == 0:
             checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
-        if step + 1 == args.stop_after:
-            common.log(f"train: stopped after step {step + 1} (--stop-after)", file=sys.stderr)
-            return
     state = checkpoints.full_state_dict(policy.lm)
     if distributed.is_main():
         if args.lora_rank:
             state = lora.merge(state, args.lora_alpha / args.lora_rank)
         cast = {}  # tied tensors stay one tensor
         state = {k: cast.setdefault(id(v), v.to(getattr(torch, args.save_dtype))) for k, v in state.items()}
-        config = dict(vars(args), pairs=len(examples), held_out_pairs=len(held_out), dropped=dropped,
-                      zero_gap_pairs=zero_gap, steps=len(plan), world_size=distributed.WORLD, mixed_precision_bf16=bf16)
+        config = dict(
+            vars(args),
+            pairs=len(examples),
+            held_out_pairs=len(held_out),
+            dropped=dropped,
+            zero_gap_pairs=zero_gap,
+            steps=len(plan),
+            world_size=distributed.WORLD,
+            mixed_precision_bf16=bf16,
+        )
         checkpoints.save_final(out, policy.lm, state, tok, config)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     distributed.barrier()

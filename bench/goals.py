@@ -14,6 +14,7 @@ drift; ratios of one run don't), with the machine's float32 matmul peak beside t
 
 Measures and prints; asserts nothing.
 """
+
 import argparse
 import json
 import os
@@ -45,9 +46,12 @@ def figures(cmd):
 def train_goal(trl_python):
     ours = figures([sys.executable, "bench/train_throughput.py"])
     trl = figures([trl_python, "bench/trl_reference.py"])
-    print(f"train: train.py {ours[0]:.3f} pairs/s, {ours[1]:.2f} GiB; TRL CPOTrainer {trl[0]:.3f} pairs/s, "
-          f"{trl[1]:.2f} GiB -> speed {ours[0] / trl[0]:.2f}x (kept >= 1.3), memory {ours[1] / trl[1]:.2f}x "
-          "(kept <= 0.8)", flush=True)
+    print(
+        f"train: train.py {ours[0]:.3f} pairs/s, {ours[1]:.2f} GiB; TRL CPOTrainer {trl[0]:.3f} pairs/s, "
+        f"{trl[1]:.2f} GiB -> speed {ours[0] / trl[0]:.2f}x (kept >= 1.3), memory {ours[1] / trl[1]:.2f}x "
+        "(kept <= 0.8)",
+        flush=True,
+    )
 
 
 def sample_figure(n_prompts=32, n_samples=8, new_tokens=64):
@@ -57,15 +61,24 @@ def sample_figure(n_prompts=32, n_samples=8, new_tokens=64):
     stage_path(model, tok, convs[:2], 2, 4)  # warm-up
     t = time.time()
     tokens = stage_path(model, tok, convs, n_samples, new_tokens)
-    print(f"sample: {n_prompts} prompts x {n_samples} samples, {new_tokens} new tokens, {common.inference_path()}: "
-          f"{tokens / (time.time() - t):.1f} tokens/s", flush=True)
+    print(
+        f"sample: {n_prompts} prompts x {n_samples} samples, {new_tokens} new tokens, {common.inference_path()}: "
+        f"{tokens / (time.time() - t):.1f} tokens/s",
+        flush=True,
+    )
 
 
 def demo_seconds(tree):
     """The pipeline time demo.sh prints, run in `tree` with a fresh run directory, and its report."""
     with tempfile.TemporaryDirectory() as runs:
-        out = subprocess.run(["bash", "demo.sh"], cwd=tree, capture_output=True, text=True, check=True,
-                             env=dict(os.environ, PY=sys.executable, RUN=f"{runs}/demo", TQDM_DISABLE="1"))
+        out = subprocess.run(
+            ["bash", "demo.sh"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PY=sys.executable, RUN=f"{runs}/demo", TQDM_DISABLE="1"),
+        )
         report = Path(runs, "demo/iter1/eval/report.md").read_text()
     return int(re.search(r"demo: done in (\d+) s", out.stdout).group(1)), report
 
@@ -84,12 +97,17 @@ def demo_goal(base):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trl-python", help="a Python with TRL installed (bench/trl_reference.py's docstring); "
-                                        "without it the train ratio is skipped")
+    p.add_argument(
+        "--trl-python",
+        help="a Python with TRL installed (bench/trl_reference.py's docstring); without it the train ratio is skipped",
+    )
     p.add_argument("--demo-base", help="a git revision to time make demo's pipeline against; without it, skipped")
     args = p.parse_args()
-    print(f"device {common.device()}, threads {torch.get_num_threads()}; measured float32 matmul peak "
-          f"{matmul_peak() / 1e9:.1f} GFLOP/s", flush=True)
+    print(
+        f"device {common.device()}, threads {torch.get_num_threads()}; measured float32 matmul peak "
+        f"{matmul_peak() / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     if args.trl_python:
         train_goal(args.trl_python)
     sample_figure()

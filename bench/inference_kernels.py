@@ -6,6 +6,7 @@ alternated. Measures, never asserts.
 
     python bench/inference_kernels.py
 """
+
 import sys
 import time
 from pathlib import Path
@@ -37,14 +38,17 @@ def main():
             count = 1 if n == 49152 else 12
             x = torch.randn(rows, k)
             lins = [torch.nn.Linear(k, n, bias=False) for _ in range(count)]
-            packed = [cpu_speed.ReorderedLinear(lin) for lin in lins]
+            reordered = [cpu_speed.ReorderedLinear(lin) for lin in lins]
             flops = 2 * rows * k * n * count
             reps = 5 if rows < 1000 else 2
             with torch.no_grad():
                 mkl = min(best(lambda: [lin(x) for lin in lins], reps) for _ in range(2))
-                dnnl = min(best(lambda: [p(x) for p in packed], reps) for _ in range(2))
-            print(f"rows {rows:6d}  {k:5d} -> {n:5d}: F.linear {flops / mkl / 1e9:6.1f} GFLOP/s, "
-                  f"ReorderedLinear {flops / dnnl / 1e9:6.1f} GFLOP/s ({mkl / dnnl:.2f}x)", flush=True)
+                dnnl = min(best(lambda: [p(x) for p in reordered], reps) for _ in range(2))
+            print(
+                f"rows {rows:6d}  {k:5d} -> {n:5d}: F.linear {flops / mkl / 1e9:6.1f} GFLOP/s, "
+                f"ReorderedLinear {flops / dnnl / 1e9:6.1f} GFLOP/s ({mkl / dnnl:.2f}x)",
+                flush=True,
+            )
     print(f"float32 matmul peak at the end: {matmul_peak() / 1e9:.1f} GFLOP/s")
 
 

@@ -9,6 +9,7 @@ SPA_CPU_SPEED=0. Measures, never asserts.
 
     python bench/sample_throughput.py [--prompts 8] [--samples 4] [--large 32] [--large-samples 8]
 """
+
 import argparse
 import json
 import sys
@@ -39,8 +40,9 @@ def stage_path(model, tok, convs, n_samples, new_tokens):
     """sample.py's call: every (prompt, sample) a row with its own key, one generate call."""
     rows = [c for c in convs for _ in range(n_samples)]
     keys = [f"{i}/{k}" for i in range(len(convs)) for k in range(n_samples)]
-    answers = generation.generate(model, tok, rows, max_new_tokens=new_tokens, temperature=1.0, batch_size=len(rows),
-                                  keys=keys)
+    answers = generation.generate(
+        model, tok, rows, max_new_tokens=new_tokens, temperature=1.0, batch_size=len(rows), keys=keys
+    )
     return answer_tokens(tok, answers, new_tokens)
 
 
@@ -59,30 +61,48 @@ def main():
     plain = common.load_model(args.model)[0].eval()  # transformers' model as it comes, for its own sampling
     prompts = [json.loads(line)["prompt"] for line in open(Path(common.__file__).parent / "data/train_prompts.jsonl")]
     convs = [generation.user_turn(q) for q in prompts]
-    print(f"device {common.device()}, threads {torch.get_num_threads()}, {common.inference_path()}, "
-          f"{args.new_tokens} new tokens, temperature 1.0; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"device {common.device()}, threads {torch.get_num_threads()}, {common.inference_path()}, "
+        f"{args.new_tokens} new tokens, temperature 1.0; measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
 
     def hf_sampling(texts, n_samples):
         from transformers import GenerationConfig
-        cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=None,
-                               num_return_sequences=n_samples, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, disable_compile=True)
+
+        cfg = GenerationConfig(
+            max_new_tokens=args.new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=None,
+            num_return_sequences=n_samples,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            disable_compile=True,
+        )
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         with torch.no_grad():
             out = plain.generate(**enc.to(plain.device), generation_config=cfg)
-        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return answer_tokens(tok, answers, args.new_tokens)
 
     texts = [generation.chat_text(tok, c) for c in convs]
     stage_path(model, tok, convs[:2], 2, args.new_tokens)  # warm-up
     n, s, L, S = args.prompts, args.samples, args.large, args.large_samples
-    rows = [(f"transformers' sampling, {n} prompts x {s} samples, one call", *timed(lambda: hf_sampling(texts[:n], s))),
-            (f"sample.py path, {n} prompts x {s} samples, one call",
-             *timed(lambda: stage_path(model, tok, convs[:n], s, args.new_tokens))),
-            (f"sample.py path, {L} prompts x {S} samples, one call",
-             *timed(lambda: stage_path(model, tok, convs[:L], S, args.new_tokens))),
-            (f"transformers' sampling, one call per prompt and sample ({args.single} calls)",
-             *timed(lambda: sum(hf_sampling([texts[k % n]], 1) for k in range(args.single))))]
+    rows = [
+        (f"transformers' sampling, {n} prompts x {s} samples, one call", *timed(lambda: hf_sampling(texts[:n], s))),
+        (
+            f"sample.py path, {n} prompts x {s} samples, one call",
+            *timed(lambda: stage_path(model, tok, convs[:n], s, args.new_tokens)),
+        ),
+        (
+            f"sample.py path, {L} prompts x {S} samples, one call",
+            *timed(lambda: stage_path(model, tok, convs[:L], S, args.new_tokens)),
+        ),
+        (
+            f"transformers' sampling, one call per prompt and sample ({args.single} calls)",
+            *timed(lambda: sum(hf_sampling([texts[k % n]], 1) for k in range(args.single))),
+        ),
+    ]
     for name, tokens, dt in rows:
         print(f"{name:75s} {tokens:6d} tokens {dt:7.1f} s {tokens / dt:8.1f} tokens/s")
 

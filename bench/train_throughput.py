@@ -12,6 +12,7 @@ of checkpointing. Measures, never asserts.
 Under torchrun --batch-size is per device, as in train.py; pairs/s and tokens/s are of the
 whole job, peak memory is rank 0's.
 """
+
 import argparse
 import random
 import resource
@@ -51,7 +52,7 @@ def matmul_peak(n=2048, reps=10, tries=3):
             for _ in range(reps):
                 product()
             sync()
-            best = max(best, reps * 2 * n ** 3 / (time.time() - t))
+            best = max(best, reps * 2 * n**3 / (time.time() - t))
     return best
 
 
@@ -93,22 +94,39 @@ def main():
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="train.py's --pack (default on)")
-    p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
-                   help="fused AdamW, as train.py uses (default on; off: torch's foreach implementation)")
-    p.add_argument("--head-chunk", type=int, default=policy_model.HEAD_CHUNK,
-                   help=f"train.py's --head-chunk (default {policy_model.HEAD_CHUNK})")
+    p.add_argument(
+        "--fused-adamw",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fused AdamW, as train.py uses (default on; off: torch's foreach implementation)",
+    )
+    p.add_argument(
+        "--head-chunk",
+        type=int,
+        default=policy_model.HEAD_CHUNK,
+        help=f"train.py's --head-chunk (default {policy_model.HEAD_CHUNK})",
+    )
     args = p.parse_args()
     distributed.setup()
     peak = distributed.all_sum([matmul_peak()])[0]  # of all ranks together (torchrun gives each one thread)
     tok = common.load_tokenizer(args.model)
-    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375, head_chunk=args.head_chunk, model=args.model,
-                            lora_rank=0, gradient_checkpointing=args.gradient_checkpointing, pack=args.pack)
+    hp = argparse.Namespace(
+        loss="spa",
+        alpha=1.0,
+        beta=2.5,
+        gamma=1.375,
+        head_chunk=args.head_chunk,
+        model=args.model,
+        lora_rank=0,
+        gradient_checkpointing=args.gradient_checkpointing,
+        pack=args.pack,
+    )
     policy = policy_model.build_policy(hp, bf16=False)
     examples = synthetic_pairs(tok, args.pairs)
     plan = preference_data.make_plan(examples, args.batch_size * distributed.WORLD, args.grad_accum, 1, 0)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=args.fused_adamw, foreach=not args.fused_adamw)
     n_params = sum(p.numel() for p in policy.parameters())  # a sharded parameter reports its full size
-    train.train_step(policy, examples, [plan[0][0][:distributed.WORLD]], hp, tok.pad_token_id)  # warm-up, not counted
+    train.train_step(policy, examples, [plan[0][0][: distributed.WORLD]], hp, tok.pad_token_id)  # warm-up, not counted
     opt.zero_grad(set_to_none=False)  # as train.py: gradient buffers kept
     distributed.barrier()
     t, pairs, tokens = time.time(), 0, 0
@@ -133,10 +151,14 @@ def main():
         f"{'fused' if args.fused_adamw else 'foreach'} AdamW, {common.inference_path()} products"
     )
     print(f"pairs/s {pairs / dt:.3f}   tokens/s {tokens / dt:.1f}   wall {dt:.1f} s")
-    print(f"peak memory (max RSS) {rss:.2f} GiB"
-          + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""))
-    print(f"achieved {flops / 1e9:.1f} GFLOP/s of a measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"= {100 * flops / peak:.1f}%")
+    print(
+        f"peak memory (max RSS) {rss:.2f} GiB"
+        + (f"; CUDA peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "")
+    )
+    print(
+        f"achieved {flops / 1e9:.1f} GFLOP/s of a measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"= {100 * flops / peak:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ download from: the embedded tokenizer and the pinned transformers travel with th
     python dev/gpu_check.py --dry-run      the same on the CPU with tiny models (tests/test_gpu_check.py)
 
 The stages (tiny model, bf16 on CUDA): sample; score in generate and logits modes; refine;
-evaluate; train spa, dpo and LoRA; --stop-after then --resume; sample and train under
+evaluate; train spa, dpo and LoRA; stopped after a step then --resume; sample and train under
 `torchrun --nproc_per_node 1` (NCCL); sample --compile. The figures (8B shape, random
 weights): sample.py's path at 32 prompts x 8 candidates, 64 new tokens, in tokens/s; train.py's
 step with LoRA r=16, 16 pairs of 100-250-token answers, micro-batch 4 x accumulation 2, in
 pairs/s, with the peak GPU memory.
 """
+
 import argparse
 import json
 import os
@@ -37,6 +38,7 @@ def prepare():
     """Here: the tokenizer of the converted embedded model, and the wheel, into FILES."""
     sys.path.insert(0, str(ROOT))
     import common
+
     tok_dir = FILES / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     common.load_tokenizer(common.DEFAULT_MODEL).save_pretrained(tok_dir)
@@ -66,13 +68,29 @@ def use_carried_transformers():
     """Install the carried wheel under SITE (no network, no dependencies) when the machine's
     transformers is older than requirements.txt's lower bound, and put SITE first on the path."""
     from importlib.metadata import version
+
     have = tuple(int(x) for x in version("transformers").split(".")[:2])
     if have < (5, 24):
         wheels = sorted((FILES / "wheels").glob("transformers-*.whl"))
         if not wheels:
             raise SystemExit(f"transformers {have} is older than 5.24 and no wheel was carried: run prepare first")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--upgrade", "--target", str(SITE), str(wheels[-1])], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--upgrade",
+                "--target",
+                str(SITE),
+                str(wheels[-1]),
+            ],
+            check=True,
+        )
         os.environ["PYTHONPATH"] = f"{SITE}:{os.environ.get('PYTHONPATH', '')}"
         sys.path.insert(0, str(SITE))
 
@@ -81,11 +99,21 @@ def tiny_model(out, tok, layers=2, hidden=64):
     """A randomly initialised Llama with the embedded tokenizer, saved to `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -160,7 +188,7 @@ def stage_runs(work, model, prompts, pairs):
         ("train spa", py + ["train.py", *train, "--output", w("spa")]),
         ("train dpo", py + ["train.py", *train, "--loss", "dpo", "--output", w("dpo")]),
         ("train lora", py + ["train.py", *train, "--lora-rank", "8", "--output", w("lora")]),
-        ("train --stop-after 1", py + ["train.py", *train, "--output", w("resumed"), "--stop-after", "1"]),
+        ("train stopped after step 1", py + ["tests/stop_after.py", "1", "train.py", *train, "--output", w("resumed")]),
         ("train --resume", py + ["train.py", *train, "--output", w("resumed"), "--resume"]),
         (
             "torchrun sample",
@@ -176,21 +204,40 @@ def stage_runs(work, model, prompts, pairs):
 
 def run_stages(work, tok):
     import common
+
     model = tiny_model(work / "tiny", tok)
     prompts = work / "prompts.jsonl"
     lines = [json.loads(line) for line in open(ROOT / "data" / "train_prompts.jsonl")][:8]
     prompts.write_text("".join(json.dumps({"id": r["id"], "prompt": r["prompt"]}) + "\n" for r in lines))
     pairs = work / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"id": str(i), "prompt": r["prompt"], "chosen": "I can't help with that; "
-                                         "please ask a professional.", "rejected": "Sure, here is how. " * (i + 1),
-                                         "gap": 1 + i % 3}) + "\n" for i, r in enumerate(lines)))
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(i),
+                    "prompt": r["prompt"],
+                    "chosen": "I can't help with that; please ask a professional.",
+                    "rejected": "Sure, here is how. " * (i + 1),
+                    "gap": 1 + i % 3,
+                }
+            )
+            + "\n"
+            for i, r in enumerate(lines)
+        )
+    )
     results = []
     for name, cmd in stage_runs(work, model, prompts, pairs):
         t = time.time()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         ok = p.returncode == 0
-        results.append({"stage": name, "ok": ok, "seconds": round(time.time() - t, 1),
-                        **({} if ok else {"stderr": p.stderr[-1500:]})})
+        results.append(
+            {
+                "stage": name,
+                "ok": ok,
+                "seconds": round(time.time() - t, 1),
+                **({} if ok else {"stderr": p.stderr[-1500:]}),
+            }
+        )
         print(f"{'ok  ' if ok else 'FAIL'} {name} ({results[-1]['seconds']} s)", flush=True)
         if not ok:
             print(p.stderr[-1500:], flush=True)
@@ -203,15 +250,28 @@ def llama_8b_shape(tok, dry_run):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     import common
+
     if dry_run:
         cfg = dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
         )
     else:
-        cfg = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, rope_theta=500000.0)
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **cfg)
+        cfg = dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            rope_theta=500000.0,
+        )
+    config = LlamaConfig(
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **cfg,
+    )
     dtype = torch.bfloat16 if common.device().type == "cuda" else torch.float32
     torch.manual_seed(0)
     with common.device():
@@ -222,6 +282,7 @@ def llama_8b_shape(tok, dry_run):
 def sample_figure(model, tok, dry_run):
     import torch
     import generation
+
     n_prompts, n_samples, new_tokens = (4, 2, 8) if dry_run else (32, 8, 64)
     prompts = [json.loads(line)["prompt"] for line in open(ROOT / "data" / "train_prompts.jsonl")][:n_prompts]
     rows = [generation.user_turn(q) for q in prompts for _ in range(n_samples)]
@@ -230,12 +291,17 @@ def sample_figure(model, tok, dry_run):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.time()
-    answers = generation.generate(model, tok, rows, max_new_tokens=new_tokens, temperature=1.0,
-                                  batch_size=len(rows), keys=keys)
+    answers = generation.generate(
+        model, tok, rows, max_new_tokens=new_tokens, temperature=1.0, batch_size=len(rows), keys=keys
+    )
     dt = time.time() - t
     tokens = sum(min(len(tok(a, add_special_tokens=False)["input_ids"]) + 1, new_tokens) for a in answers)
-    return {"sample_rows": len(rows), "sample_new_tokens": new_tokens, "sample_tokens_per_s": round(tokens / dt, 1),
-            "sample_seconds": round(dt, 2)}
+    return {
+        "sample_rows": len(rows),
+        "sample_new_tokens": new_tokens,
+        "sample_tokens_per_s": round(tokens / dt, 1),
+        "sample_seconds": round(dt, 2),
+    }
 
 
 def train_figure(model, tok, dry_run):
@@ -244,8 +310,10 @@ def train_figure(model, tok, dry_run):
     import policy_model
     import preference_data
     import train
+
     sys.path.insert(0, str(ROOT / "bench"))
     from train_throughput import synthetic_pairs
+
     n_pairs = 4 if dry_run else 16
     lm = model.train()
     lm.config.use_cache = False
@@ -295,6 +363,7 @@ def main():
     import transformers
     import common
     from transformers import AutoTokenizer
+
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: use --dry-run on a CPU")
     tok_dir = FILES / "tokenizer"
@@ -302,8 +371,12 @@ def main():
     work = Path(args.work or f"/tmp/spa_gpu_check_{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    report = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(common.device()),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(common.device()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     print(json.dumps(report), flush=True)
     report["stages"] = run_stages(work, tok)
     model = llama_8b_shape(tok, args.dry_run)

@@ -8,6 +8,7 @@ TrustLLM prompt outside misuse.json is used: the held-out source stays unseen.
 
     python dev/make_study_data.py TRUSTLLM_MISUSE_JSON XSTEST_PROMPTS_CSV
 """
+
 import csv
 import json
 import random
@@ -33,7 +34,7 @@ def main(misuse_path, xstest_path):
     for source in sorted(by_source):  # 300 in proportion to each source's size
         items = by_source[source]
         rng.shuffle(items)
-        picked += items[:round(300 * len(items) / len(misuse))]
+        picked += items[: round(300 * len(items) / len(misuse))]
     rng.shuffle(picked)
     picked = picked[:300]
     write("study_train.jsonl", picked[:240])

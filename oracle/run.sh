@@ -11,7 +11,8 @@ RUN=${RUN:-runs/oracle}
 PORT=${PORT:-8765}  # fixed, so that a rerun resumes (the judge's address is part of the settings)
 $PY oracle/judge.py --port "$PORT" & JUDGE_PID=$!
 trap 'kill $JUDGE_PID 2>/dev/null' EXIT
-J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0.1 --primary harmlessness)
+J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0.1)
+P=(--primary harmlessness)   # score.py and evaluate.py; refine.py reads the objectives from the scored file
 V=SmolLM2-135M-Instruct
 TRAIN=(--lr 5e-5 --batch-size 4 --grad-accum 2 --max-length 320 --epochs 1 --save-every 5)
 start=$SECONDS
@@ -20,7 +21,7 @@ sleep 2
 generate() {  # iteration dir, starting model
   $PY sample.py --input data/train_prompts.jsonl --output "$1/samples.jsonl" --model "$2" --num-candidates 4 \
       --max-new-tokens 64 --batch-size 14 --seed 1
-  $PY score.py --input "$1/samples.jsonl" --output "$1/scored.jsonl" --model "$2" "${J[@]}"
+  $PY score.py --input "$1/samples.jsonl" --output "$1/scored.jsonl" --model "$2" "${J[@]}" "${P[@]}"
   $PY refine.py --input "$1/scored.jsonl" --output "$1/refined.jsonl" --model "$2" "${J[@]}" --max-new-tokens 96 \
       --batch-size 14
 }
@@ -38,7 +39,7 @@ train() {  # pairs, output, starting model, loss
 
 evaluate() {  # model, name, output
   $PY evaluate.py --input data/eval_prompts.jsonl --output "$3" --model "$1" --name "$2" --baseline $V \
-      --baseline-name Vanilla "${J[@]}" --max-new-tokens 48
+      --baseline-name Vanilla "${J[@]}" "${P[@]}" --max-new-tokens 48
 }
 
 # Consistency is off: with rules that conflict, the refined answer almost never beats every

@@ -4,6 +4,7 @@ start on different rewards, theta = lam * theta_1 + (1 - lam) * theta_2.
     python oracle/soup.py --first runs/oracle/primary-only/model --second runs/oracle/helpfulness-only/model \
         --weight 0.7 --output runs/oracle/soup-7-3
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ def soup(first, second, weight):
         raise common.InputError("the two models have different parameter names")
     differ = [k for k in first if first[k].shape != second[k].shape]
     if differ:
-        raise common.InputError(f"the two models differ in shape at {differ[0]} ({tuple(first[differ[0]].shape)} and "
-                                f"{tuple(second[differ[0]].shape)}): a soup needs one architecture")
+        raise common.InputError(
+            f"the two models differ in shape at {differ[0]} ({tuple(first[differ[0]].shape)} and "
+            f"{tuple(second[differ[0]].shape)}): a soup needs one architecture"
+        )
     return {k: weight * first[k].float() + (1 - weight) * second[k].float() for k in first}
 
 

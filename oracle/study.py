@@ -15,6 +15,7 @@ The links, per variant, as means over seeds:
     (pairwise, both orders, a win only when both agree); and what the greedy answers look like
     under the judge's own rules: words, the share that declines, dangerous specifics per answer.
 """
+
 import argparse
 import json
 import sys
@@ -53,10 +54,19 @@ def rows_of(path):
 
 def link_pairs(path):
     ps = rows_of(path)
-    d = np.array([[p["chosen_scores"][0] - p["rejected_scores"][0], p["chosen_scores"][1] - p["rejected_scores"][1]]
-                  for p in ps], dtype=float)
-    return {"pairs": len(ps), "primary_higher": float((d[:, 0] > 0).mean()), "d_primary": float(d[:, 0].mean()),
-            "d_help": float(d[:, 1].mean())}
+    d = np.array(
+        [
+            [p["chosen_scores"][0] - p["rejected_scores"][0], p["chosen_scores"][1] - p["rejected_scores"][1]]
+            for p in ps
+        ],
+        dtype=float,
+    )
+    return {
+        "pairs": len(ps),
+        "primary_higher": float((d[:, 0] > 0).mean()),
+        "d_primary": float(d[:, 0].mean()),
+        "d_help": float(d[:, 1].mean()),
+    }
 
 
 def link_training(path):
@@ -74,9 +84,11 @@ def link_training(path):
 def answers(responses, model):
     """Mean words, share declining and dangerous specifics per answer of one model's greedy answers."""
     texts = [r["response"] for r in responses if r["model"] == model]
-    return {"words": float(np.mean([len(t.split()) for t in texts])),
-            "declines": float(np.mean([bool(DECLINE.search(t)) for t in texts])),
-            "specifics": float(np.mean([len(SPECIFIC.findall(t)) for t in texts]))}
+    return {
+        "words": float(np.mean([len(t.split()) for t in texts])),
+        "declines": float(np.mean([bool(DECLINE.search(t)) for t in texts])),
+        "specifics": float(np.mean([len(SPECIFIC.findall(t)) for t in texts])),
+    }
 
 
 def scores(judgments, model):
@@ -101,21 +113,40 @@ def report_run(run, seeds, out):
             outcomes = [j["outcome"] for j in judged if j["kind"] == "pairwise"]
             responses = rows_of(d / "eval" / "responses.jsonl")
             vanilla_answers = vanilla_answers or answers(responses, "Vanilla")  # the same greedy answers each time
-            per_seed.append({**link_pairs(d / "train_pairs.jsonl"), **link_training(d / "model" / "metrics.jsonl"),
-                             **{k: outcomes.count(k) / len(outcomes) for k in ("win", "tie", "lose")},
-                             **answers(responses, v)})
+            per_seed.append(
+                {
+                    **link_pairs(d / "train_pairs.jsonl"),
+                    **link_training(d / "model" / "metrics.jsonl"),
+                    **{k: outcomes.count(k) / len(outcomes) for k in ("win", "tie", "lose")},
+                    **answers(responses, v),
+                }
+            )
         rows[v] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
     base = np.array([vanilla[s] for s in seeds], dtype=float)  # (seeds, prompts, 2): the same greedy answers each seed
-    summary = {"seeds": list(seeds), "prompts": base.shape[1], "models": {}, "links": rows,
-               "vanilla_answers": vanilla_answers}
-    table = ["| Model | Primary (harmlessness) | Helpfulness | d primary vs vanilla | d helpfulness vs vanilla | "
-             "Win | Tie | Lose |", "|---|---|---|---|---|---|---|---|"]
+    summary = {
+        "seeds": list(seeds),
+        "prompts": base.shape[1],
+        "models": {},
+        "links": rows,
+        "vanilla_answers": vanilla_answers,
+    }
+    table = [
+        "| Model | Primary (harmlessness) | Helpfulness | d primary vs vanilla | d helpfulness vs vanilla | "
+        "Win | Tie | Lose |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda m, lo, hi: f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
     for v, name, c in [(None, "Vanilla", base), *((v, NAMES[v], np.array(cells[v], dtype=float)) for v in VARIANTS)]:
-        m = {"primary": float(c[..., 0].mean()), "primary_ci": bootstrap(c[..., 0]),
-             "helpfulness": float(c[..., 1].mean()), "helpfulness_ci": bootstrap(c[..., 1]),
-             "d_primary": float((c - base)[..., 0].mean()), "d_primary_ci": bootstrap((c - base)[..., 0]),
-             "d_help": float((c - base)[..., 1].mean()), "d_help_ci": bootstrap((c - base)[..., 1])}
+        m = {
+            "primary": float(c[..., 0].mean()),
+            "primary_ci": bootstrap(c[..., 0]),
+            "helpfulness": float(c[..., 1].mean()),
+            "helpfulness_ci": bootstrap(c[..., 1]),
+            "d_primary": float((c - base)[..., 0].mean()),
+            "d_primary_ci": bootstrap((c - base)[..., 0]),
+            "d_help": float((c - base)[..., 1].mean()),
+            "d_help_ci": bootstrap((c - base)[..., 1]),
+        }
         summary["models"][name] = m
         wtl = " | ".join(f"{rows[v][k]:.0%}" for k in ("win", "tie", "lose")) if v else "- | - | -"
         d = f"{fmt(m['d_primary'], *m['d_primary_ci'])} | {fmt(m['d_help'], *m['d_help_ci'])}" if v else "- | -"
@@ -123,13 +154,19 @@ def report_run(run, seeds, out):
             f"| {name} | {fmt(m['primary'], *m['primary_ci'])} | {fmt(m['helpfulness'], *m['helpfulness_ci'])} "
             f"| {d} | {wtl} |"
         )
-    table += ["", "| Variant | pairs | chosen higher on primary | d primary | d helpfulness | steps | held-out reward "
-              "accuracy before -> after | held-out margin before -> after |", "|---|---|---|---|---|---|---|---|"]
+    table += [
+        "",
+        "| Variant | pairs | chosen higher on primary | d primary | d helpfulness | steps | held-out reward "
+        "accuracy before -> after | held-out margin before -> after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
         r = rows[v]
-        table.append(f"| {NAMES[v]} | {r['pairs']:.0f} | {r['primary_higher']:.0%} | {r['d_primary']:+.2f} | "
-                     f"{r['d_help']:+.2f} | {r['steps']:.0f} | {r['acc_before']:.2f} -> {r['acc_after']:.2f} | "
-                     f"{r['margin_before']:+.3f} -> {r['margin_after']:+.3f} |")
+        table.append(
+            f"| {NAMES[v]} | {r['pairs']:.0f} | {r['primary_higher']:.0%} | {r['d_primary']:+.2f} | "
+            f"{r['d_help']:+.2f} | {r['steps']:.0f} | {r['acc_before']:.2f} -> {r['acc_after']:.2f} | "
+            f"{r['margin_before']:+.3f} -> {r['margin_after']:+.3f} |"
+        )
     table += ["", "| Greedy answers | words | declining | dangerous specifics per answer |", "|---|---|---|---|"]
     for name, r in [("Vanilla", vanilla_answers), *((NAMES[v], rows[v]) for v in VARIANTS)]:
         table.append(f"| {name} | {r['words']:.1f} | {r['declines']:.0%} | {r['specifics']:.2f} |")

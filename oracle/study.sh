@@ -17,7 +17,8 @@ EPOCHS=${EPOCHS:-1}
 VARIANTS=${VARIANTS:-spa simpo reverse nodenoise}
 $PY oracle/judge.py --port "$PORT" & JUDGE_PID=$!
 trap 'kill $JUDGE_PID 2>/dev/null' EXIT
-J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0.1 --primary harmlessness)
+J=(--judge-api-base "http://127.0.0.1:$PORT/v1" --judge-model oracle --backoff 0.1)
+P=(--primary harmlessness)   # score.py and evaluate.py; refine.py reads the objectives from the scored file
 V=SmolLM2-135M-Instruct
 start=$SECONDS
 sleep 2
@@ -28,7 +29,7 @@ cat data/study_train.jsonl data/study_val.jsonl > "$RUN/prompts.jsonl"
 loop() {  # seed dir, seed: sample, score and refine the training and validation prompts together
   $PY sample.py --input "$RUN/prompts.jsonl" --output "$1/samples.jsonl" --num-candidates 4 --max-new-tokens 48 \
       --batch-size 30 --seed "$2"
-  $PY score.py --input "$1/samples.jsonl" --output "$1/scored.jsonl" "${J[@]}" --judge-concurrency 16
+  $PY score.py --input "$1/samples.jsonl" --output "$1/scored.jsonl" "${J[@]}" "${P[@]}" --judge-concurrency 16
   $PY refine.py --input "$1/scored.jsonl" --output "$1/refined.jsonl" "${J[@]}" --max-new-tokens 48 --batch-size 30 \
       --seed "$2"
   $PY oracle/study.py split "$1/refined.jsonl" data/study_val.jsonl "$1/train_refined.jsonl" "$1/val_refined.jsonl"
@@ -52,7 +53,7 @@ train() {  # seed dir, variant, loss, seed
 
 evaluate() {  # model, name, output: greedy answers to the held-out prompts, judged, against vanilla's
   $PY evaluate.py --input data/study_heldout.jsonl --output "$3" --model "$1" --name "$2" --baseline $V \
-      --baseline-name Vanilla "${J[@]}" --max-new-tokens 48 --batch-size 40 --judge-concurrency 16
+      --baseline-name Vanilla "${J[@]}" "${P[@]}" --max-new-tokens 48 --batch-size 40 --judge-concurrency 16
 }
 
 for s in $SEEDS; do

@@ -6,6 +6,7 @@ import runpy
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -21,12 +22,14 @@ os.environ["TQDM_DISABLE"] = "1"
 def real_model_dir():
     """The embedded default model, converted once (cached under $SPA_CACHE)."""
     import common
+
     return common.ensure_default_model()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(real_model_dir):
     import common
+
     return common.load_tokenizer(str(real_model_dir))
 
 
@@ -35,11 +38,21 @@ def tiny_model_dir(tmp_path_factory, real_model_dir, tokenizer):
     """A randomly initialised 2-layer Llama with the real tokenizer and chat template."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     d = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(cfg).save_pretrained(d)
     tokenizer.save_pretrained(d)
@@ -48,8 +61,13 @@ def tiny_model_dir(tmp_path_factory, real_model_dir, tokenizer):
 
 def run(script, *args, check=True):
     """Run a stage as a user would; returns the CompletedProcess."""
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
@@ -60,8 +78,11 @@ def run_here(script, *args):
     seconds less a run). Returns an object with returncode, stdout and stderr; an exception
     other than the stage's own exit propagates, traceback and all."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    with mock.patch.object(sys, "argv", [str(ROOT / script), *map(str, args)]), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        mock.patch.object(sys, "argv", [str(ROOT / script), *map(str, args)]),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         try:
             runpy.run_path(str(ROOT / script), run_name="__main__")
         except SystemExit as e:
@@ -85,12 +106,29 @@ def read_jsonl(path):
 def torchrun(script, *args, nproc=2, check=True):
     """Run a stage under torchrun with `nproc` ranks (gloo on the CPU)."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                        "--master-addr", "127.0.0.1", "--master-port", str(port), str(ROOT / script), *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(ROOT / script),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {p.returncode}:\n{p.stderr[-4000:]}")
     return p
@@ -110,9 +148,80 @@ def send_chat_reply(handler, content):
 def http_server(handler):
     """A threaded HTTP server with `handler` on 127.0.0.1; yields its base URL."""
     from http.server import ThreadingHTTPServer
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+PROMPTS = [{"id": f"p{i}", "prompt": f"Is thing {i} safe?"} for i in range(3)]
+
+
+def refused(p, message):
+    """A run refused as the README promises: exit status 2, the message, no traceback."""
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def denoise_record(i, cands=((3, 4), (5, 2), (4, 4)), refined=(6, 6)):
+    return {
+        "id": i,
+        "prompt": "q",
+        "candidates": [{"text": f"c{k}", "score_a": a, "score_b": b} for k, (a, b) in enumerate(cands)],
+        "refined": {"text": "r", "score_a": refined[0], "score_b": refined[1]},
+    }
+
+
+def sample(tmp_path, tiny, out, *extra, check=True):
+    return run(
+        "sample.py",
+        "--input",
+        tmp_path / "p.jsonl",
+        "--output",
+        out,
+        "--model",
+        tiny,
+        "--num-candidates",
+        2,
+        "--max-new-tokens",
+        3,
+        *extra,
+        check=check,
+    )
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """Chat-completions speaker: fails the first request with 500, never rates answers that
+    contain 'UNRATABLE', prefers answer A in pairwise questions."""
+
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.requests.append(body)
+        if len(FakeJudge.requests) == 1:
+            self.send_response(500)
+            self.end_headers()
+            return
+        text = body["messages"][-1]["content"]
+        reply = (
+            "Winner: A"
+            if "Answer A:" in text
+            else "I cannot say."
+            if "UNRATABLE" in text
+            else f"Short reason. Rating: {4 + len(text) % 5}"
+        )
+        send_chat_reply(self, reply)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    FakeJudge.requests = []
+    with http_server(FakeJudge) as base:
+        yield base + "/v1"

@@ -1,7 +1,8 @@
 """A stage that dies after writing N records, half-way through the next line, as a kill would:
 
-    python tests/crash_after.py N STAGE.py ARGS...     (also as the script torchrun starts)
+python tests/crash_after.py N STAGE.py ARGS...     (also as the script torchrun starts)
 """
+
 import json
 import os
 import runpy
@@ -20,7 +21,7 @@ def write_then_die(self, records):
     for rec in records:
         if self.new >= n:
             line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
-            self.f.write(line[:len(line) // 2])
+            self.f.write(line[: len(line) // 2])
             self.f.flush()
             os._exit(3)
         write(self, [rec])

@@ -1,4 +1,5 @@
 """cpu_speed.py: each trick gives what the plain path gives, and the stages run without it."""
+
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import common
 import cpu_speed
 import generation
 import policy_model
-import score
+import judging
 import train
-from conftest import ROOT, read_jsonl, run, write_jsonl
+from conftest import read_jsonl, ROOT, run, write_jsonl
 from test_train import ARGS, grads, make_examples
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
@@ -27,7 +28,7 @@ def plain_and_fast(model_dir, monkeypatch):
 
 
 @needs_onednn
-def test_packed_linear_computes_what_the_linear_computes():
+def test_reordered_linear_computes_what_the_linear_computes():
     lin = torch.nn.Linear(48, 80, bias=False)
     x = torch.randn(3, 5, 48)
     got = cpu_speed.ReorderedLinear(lin)(x)
@@ -74,8 +75,9 @@ def test_grouped_attention_gives_the_plain_logits(tiny_model_dir, tokenizer, mon
     ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
     with torch.no_grad():
-        a, b = (m(input_ids=ids, attention_mask=mask, position_ids=cpu_speed.positions(mask)).logits
-                for m in (plain, fast))
+        a, b = (
+            m(input_ids=ids, attention_mask=mask, position_ids=cpu_speed.positions(mask)).logits for m in (plain, fast)
+        )
     real = mask.bool()
     assert torch.allclose(a[real], b[real], atol=1e-5, rtol=1e-5) and a[real].std() > 0
 
@@ -127,9 +129,11 @@ def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypat
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
     prefixes = []
     real = cpu_speed.prefilled_cache
-    monkeypatch.setattr(cpu_speed, "prefilled_cache", lambda m, i, k, h, n: prefixes.append(h) or real(m, i, k, h, n))
-    convs = [generation.user_turn(q) for q in ("How do I boil an egg?", "Tell me how to pick a lock.",
-                                               "What is 12 times 12?")]
+    monkeypatch.setattr(cpu_speed, "prefilled_cache", lambda *a, **k: prefixes.append(a[3]) or real(*a, **k))
+    convs = [
+        generation.user_turn(q)
+        for q in ("How do I boil an egg?", "Tell me how to pick a lock.", "What is 12 times 12?")
+    ]
     texts = [generation.generate(m, tok, convs, max_new_tokens=24, batch_size=3) for m in (plain, fast)]
     assert texts[0] == texts[1] and all(texts[0]) and prefixes and prefixes[0] > 10
     sampled = [
@@ -137,22 +141,61 @@ def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypat
         for m in (plain, fast)
     ]
     assert sampled[0] == sampled[1] and sampled[0] != texts[0]
-    judge = [score.judge_conversation("harmlessness", c[0]["content"], t) for c, t in zip(convs, texts[0])]
-    p0, p1 = (score.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))
+    judge = [judging.judge_conversation("harmlessness", c[0]["content"], t) for c, t in zip(convs, texts[0])]
+    p0, p1 = (judging.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))
     assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0
 
 
 def test_the_stages_run_without_the_module(tmp_path, tiny_model_dir):
-    """A copy of the project without cpu_speed.py samples and scores what SPA_CPU_SPEED=0 does."""
+    """A copy of the project without cpu_speed.py samples, scores and trains (packing's default
+    included) what SPA_CPU_SPEED=0 does with it."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "tests", "cpu_speed.py",
-                                                               "__pycache__"))
+    shutil.copytree(
+        ROOT, tree, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "tests", "cpu_speed.py", "__pycache__")
+    )
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"Is thing {i} safe?"} for i in range(3)])
-    args = ["--model", tiny_model_dir, "--num-candidates", 2, "--max-new-tokens", 4]
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"id": str(i), "prompt": f"Q{i}?", "chosen": "Careful. " * (i + 1), "rejected": "No.", "gap": 1 + i % 2}
+            for i in range(4)
+        ],
+    )
     for where, env in ((tree, {}), (ROOT, {"SPA_CPU_SPEED": "0"})):
-        out = tmp_path / f"{where.name}.jsonl"
-        p = subprocess.run([sys.executable, str(where / "sample.py"), "--input", str(prompts), "--output", str(out),
-                            *map(str, args)], capture_output=True, text=True, env=dict(__import__("os").environ, **env))
-        assert p.returncode == 0, p.stderr[-2000:]
-    assert read_jsonl(tmp_path / "tree.jsonl") == read_jsonl(tmp_path / f"{ROOT.name}.jsonl")
+        out = tmp_path / where.name
+        steps = [
+            (
+                "sample.py",
+                "--input",
+                prompts,
+                "--output",
+                out / "s.jsonl",
+                "--num-candidates",
+                2,
+                "--max-new-tokens",
+                4,
+            ),
+            ("score.py", "--input", out / "s.jsonl", "--output", out / "scored.jsonl", "--mode", "logits"),
+            ("train.py", "--input", pairs, "--output", out / "model", "--batch-size", 2, "--grad-accum", 1),
+        ]
+        for script, *args in steps:
+            p = subprocess.run(
+                [sys.executable, str(where / script), "--model", str(tiny_model_dir), *map(str, args)],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, **env),
+            )
+            assert p.returncode == 0, p.stderr[-2000:]
+    a, b = tmp_path / "tree", tmp_path / ROOT.name
+    for f in ("s.jsonl", "scored.jsonl"):
+        assert read_jsonl(a / f) == read_jsonl(b / f)
+    assert json.loads((a / "model" / "train_config.json").read_text())["pack"] is False
+    assert json.loads((b / "model" / "train_config.json").read_text())["pack"] is False
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert run("sample.py", "--help").returncode == 0

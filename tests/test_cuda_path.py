@@ -2,6 +2,7 @@
 unless asked (and then one graph), no host synchronisation per layer, the optimizer state
 placed as torch places it on resume, a process-group timeout for the long waits, and chat
 templates that refuse a system message."""
+
 import datetime
 import shutil
 from types import SimpleNamespace
@@ -12,10 +13,10 @@ import torch.distributed as dist
 
 import checkpoints
 import common
+import judging
 import distributed
 import generation
 import policy_model
-import score
 from conftest import read_jsonl, run, run_here, write_jsonl
 
 CONVS = [generation.user_turn(q) for q in ("Hi", "What is a longer question than the first one?", "Why?")]
@@ -42,16 +43,18 @@ def test_a_gpu_runs_the_plain_model(tiny_model_dir, monkeypatch):
 
 
 def test_generate_never_compiles_unless_asked(tiny_model_dir, monkeypatch):
-    """Every generate call of the stages (answers, judge ratings) says disable_compile, so
-    transformers' auto-compilation, which a static cache on CUDA would trigger, stays off."""
+    """Every generate call of the stages says disable_compile, so transformers' auto-compilation,
+    which a static cache on CUDA would trigger, stays off; the judge's ratings are one forward
+    pass, no generate call."""
     from transformers import StaticCache
+
     monkeypatch.setenv("SPA_CPU_SPEED", "0")
     model, tok = common.load_for_inference(str(tiny_model_dir))
     seen, real = [], model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["generation_config"]) or real(**kw))
     generation.generate(model, tok, CONVS, max_new_tokens=3, temperature=1.0)
-    score.rating_distribution(model, tok, [score.judge_conversation("honesty", "q", "a")])
-    assert len(seen) == 2 and all(c.disable_compile for c in seen)
+    judging.rating_distribution(model, tok, [judging.judge_conversation("honesty", "q", "a")])
+    assert len(seen) == 1 and all(c.disable_compile for c in seen)
     monkeypatch.setattr(
         type(model), "device", property(lambda self: torch.device("cuda"))
     )  # transformers' check, on "CUDA"
@@ -65,6 +68,7 @@ def test_compile_when_asked_is_one_graph(tiny_model_dir, monkeypatch):
     """--compile: the decoding step compiles with fullgraph=True (a graph break would raise),
     here with dynamo's eager backend on the CPU, and writes the uncompiled greedy text."""
     from torch._dynamo.utils import counters
+
     monkeypatch.setenv("SPA_CPU_SPEED", "0")
     model, tok = common.load_for_inference(str(tiny_model_dir), compile=True)
     config = generation.generation_config
@@ -74,6 +78,7 @@ def test_compile_when_asked_is_one_graph(tiny_model_dir, monkeypatch):
         assert cfg.compile_config.fullgraph and not cfg.disable_compile
         cfg.compile_config.backend, cfg.compile_config._compile_all_devices = "eager", True
         return cfg
+
     plain = generation.generate(model, tok, CONVS, max_new_tokens=4)
     monkeypatch.setattr(generation, "generation_config", on_the_cpu)
     torch._dynamo.reset()
@@ -84,8 +89,13 @@ def test_compile_when_asked_is_one_graph(tiny_model_dir, monkeypatch):
 
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the operators that read a tensor back to the host (a GPU would wait for them)."""
-    SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.equal.default,
-            torch.ops.aten.is_nonzero.default}
+
+    SYNC = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.is_nonzero.default,
+    }
 
     def __init__(self):
         super().__init__()
@@ -102,13 +112,22 @@ def test_no_host_read_per_layer_on_the_plain_path(tmp_path, tokenizer, monkeypat
     of values back to the host (transformers' own: a few a step), the CPU path more with
     more layers (its attention reads the cache's filled length: why it stays off GPUs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     monkeypatch.setenv("SPA_CPU_SPEED", speed)
     counts = []
     for layers in (2, 4):
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         LlamaForCausalLM(cfg).save_pretrained(tmp_path / str(layers))
         tokenizer.save_pretrained(tmp_path / str(layers))
         model, tok = common.load_for_inference(str(tmp_path / str(layers)))
@@ -123,11 +142,13 @@ def test_resume_places_the_optimizer_state_as_torch_does(tmp_path, monkeypatch):
     """A checkpoint of fused AdamW loaded back: it goes through Optimizer.load_state_dict, and
     every state tensor, step included, has the device, dtype and value that torch's own
     state_dict round trip gives it (the fused CUDA kernel wants step on the parameter's device)."""
+
     def fresh():
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 3)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
         return list(net.named_parameters()), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
     named, opt, sched = fresh()
     sum(p.sum() for _, p in named).backward()
     opt.step()
@@ -178,6 +199,7 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(
     """Mistral-7B-Instruct v0.1's template raises on a system message: sample, score, refine,
     evaluate and train run on it, the system text folded into the first user turn, said once."""
     from transformers import AutoTokenizer
+
     model = tmp_path / "mistral-like"
     shutil.copytree(tiny_model_dir, model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -188,8 +210,23 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_user_turn(
         tok, [{"role": "user", "content": "Be careful.\n\nHi?"}]
     )
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"Is thing {i} safe?"} for i in range(2)])
-    p = run("sample.py", "--input", prompts, "--output", tmp_path / "s.jsonl", "--model", model, "--num-candidates", 3,
-            "--max-new-tokens", 3, "--systems", "careful", "honest", "default")
+    p = run(
+        "sample.py",
+        "--input",
+        prompts,
+        "--output",
+        tmp_path / "s.jsonl",
+        "--model",
+        model,
+        "--num-candidates",
+        3,
+        "--max-new-tokens",
+        3,
+        "--systems",
+        "careful",
+        "honest",
+        "default",
+    )
     assert p.stdout.count("refuses a system message") == 1
     m, judge = ["--model", model], ["--mode", "logits", "--max-new-tokens", 3]
     for stage in (

@@ -1,11 +1,12 @@
 """Every generation stage under torchrun (gloo, 2 ranks) writes what one process writes."""
+
 import pytest
 
 from conftest import read_jsonl, run, torchrun, write_jsonl
 
 PROMPTS = [{"id": f"q{i}", "prompt": f"Question {i}: is {'this ' * (i % 4)}safe?"} for i in range(6)]
 SAMPLE = ["--num-candidates", 2, "--max-new-tokens", 5, "--seed", 3, "--temperatures", 1.0]
-JUDGE = ["--mode", "logits", "--primary", "honesty"]
+JUDGE = ["--mode", "logits"]  # refine.py rates on the objectives the scored file names
 
 
 def same(a, b):
@@ -30,12 +31,51 @@ def runs(tmp_path_factory, tiny_model_dir):
     m = ["--model", tiny_model_dir]
     for tag, launch in (("one", run), ("two", torchrun)):
         launch("sample.py", "--input", inp, "--output", d / f"{tag}_samples.jsonl", *m, *SAMPLE, "--batch-size", 4)
-        launch("score.py", "--input", d / "one_samples.jsonl", "--output", d / f"{tag}_scored.jsonl", *m, *JUDGE)
-        launch("refine.py", "--input", d / "one_scored.jsonl", "--output", d / f"{tag}_refined.jsonl", *m, *JUDGE,
-               "--max-new-tokens", 5, "--batch-size", 2)
-        launch("evaluate.py", "--input", inp, "--output", d / f"{tag}_eval", "--model", tiny_model_dir, "--baseline",
-               tiny_model_dir, "--judge", tiny_model_dir, "--mode", "logits", "--max-new-tokens", 5,
-               "--judge-max-tokens", 4, "--batch-size", 2)
+        launch(
+            "score.py",
+            "--input",
+            d / "one_samples.jsonl",
+            "--output",
+            d / f"{tag}_scored.jsonl",
+            *m,
+            *JUDGE,
+            "--primary",
+            "honesty",
+        )
+        launch(
+            "refine.py",
+            "--input",
+            d / "one_scored.jsonl",
+            "--output",
+            d / f"{tag}_refined.jsonl",
+            *m,
+            *JUDGE,
+            "--max-new-tokens",
+            5,
+            "--batch-size",
+            2,
+        )
+        launch(
+            "evaluate.py",
+            "--input",
+            inp,
+            "--output",
+            d / f"{tag}_eval",
+            "--model",
+            tiny_model_dir,
+            "--baseline",
+            tiny_model_dir,
+            "--judge",
+            tiny_model_dir,
+            "--mode",
+            "logits",
+            "--max-new-tokens",
+            5,
+            "--judge-max-tokens",
+            4,
+            "--batch-size",
+            2,
+        )
     return d
 
 
@@ -55,8 +95,18 @@ def test_evaluate_under_two_ranks(runs):
 
 def test_samples_do_not_depend_on_the_batch_size(runs, tiny_model_dir):
     out = runs / "bs1_samples.jsonl"
-    run("sample.py", "--input", runs / "prompts.jsonl", "--output", out, "--model", tiny_model_dir, *SAMPLE,
-        "--batch-size", 1)
+    run(
+        "sample.py",
+        "--input",
+        runs / "prompts.jsonl",
+        "--output",
+        out,
+        "--model",
+        tiny_model_dir,
+        *SAMPLE,
+        "--batch-size",
+        1,
+    )
     same(read_jsonl(runs / "one_samples.jsonl"), read_jsonl(out))
     texts = [c["text"] for r in read_jsonl(out) for c in r["candidates"]]
     assert len(set(texts)) > len(texts) // 2  # sampled, not one greedy answer

@@ -1,4 +1,5 @@
 """train.py under torchrun (gloo, 2 ranks) against one process; mixed precision; LoRA."""
+
 import json
 
 import pytest
@@ -12,8 +13,16 @@ import preference_data
 import train
 from conftest import read_jsonl, run, torchrun, write_jsonl
 
-PAIRS = [{"id": str(i), "prompt": f"Question {i}?", "chosen": "A careful answer " * (i % 3 + 1),
-          "rejected": "No." * (i + 1), "gap": [0, 1, 2, 3, 5, 1, 4, 2][i]} for i in range(8)]
+PAIRS = [
+    {
+        "id": str(i),
+        "prompt": f"Question {i}?",
+        "chosen": "A careful answer " * (i % 3 + 1),
+        "rejected": "No." * (i + 1),
+        "gap": [0, 1, 2, 3, 5, 1, 4, 2][i],
+    }
+    for i in range(8)
+]
 
 
 def weights(d):
@@ -30,8 +39,22 @@ def update_matches(a, b, start):
 @pytest.mark.parametrize("loss", ["spa", "dpo"])
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, tiny_model_dir, loss):
     f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    common_args = ["--input", f, "--model", tiny_model_dir, "--lr", 1e-3, "--grad-accum", 1, "--loss", loss,
-                   "--save-every", 0, "--warmup-ratio", 0]
+    common_args = [
+        "--input",
+        f,
+        "--model",
+        tiny_model_dir,
+        "--lr",
+        1e-3,
+        "--grad-accum",
+        1,
+        "--loss",
+        loss,
+        "--save-every",
+        0,
+        "--warmup-ratio",
+        0,
+    ]
     run("train.py", *common_args, "--batch-size", 4, "--output", tmp_path / "one")
     torchrun("train.py", *common_args, "--batch-size", 2, "--output", tmp_path / "two")
     m1, m2 = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
@@ -50,10 +73,24 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, tiny_model_
 
 def test_resume_under_two_ranks_equals_a_straight_run(tmp_path, tiny_model_dir):
     f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    args = ["--input", f, "--model", tiny_model_dir, "--lr", 1e-3, "--batch-size", 1, "--grad-accum", 1,
-            "--save-every", 0, "--mixed-precision", "bf16"]
+    args = [
+        "--input",
+        f,
+        "--model",
+        tiny_model_dir,
+        "--lr",
+        1e-3,
+        "--batch-size",
+        1,
+        "--grad-accum",
+        1,
+        "--save-every",
+        0,
+        "--mixed-precision",
+        "bf16",
+    ]
     torchrun("train.py", *args, "--output", tmp_path / "straight")
-    torchrun("train.py", *args, "--output", tmp_path / "resumed", "--stop-after", 2)
+    torchrun("tests/stop_after.py", 2, "train.py", *args, "--output", tmp_path / "resumed")
     ck = tmp_path / "resumed" / "checkpoint"
     assert sorted(p.name for p in ck.iterdir()) == ["rank0.safetensors", "rank1.safetensors", "trainer_state.json"]
     shard = load_file(ck / "rank0.safetensors")
@@ -71,9 +108,27 @@ def test_resume_under_two_ranks_equals_a_straight_run(tmp_path, tiny_model_dir):
 def test_bf16_mixed_precision_keeps_float32_master_weights_and_moves_them(tmp_path, tiny_model_dir):
     """One step at lr 1e-6 moves nearly every decoder weight: it would not in pure bf16."""
     f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:4])
-    run("train.py", "--input", f, "--model", tiny_model_dir, "--output", tmp_path / "m", "--lr", 1e-6,
-        "--batch-size", 4, "--grad-accum", 1, "--warmup-ratio", 0, "--save-every", 0, "--stop-after", 1,
-        "--mixed-precision", "bf16")
+    run(
+        "tests/stop_after.py",
+        1,
+        "train.py",
+        "--input",
+        f,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "m",
+        "--lr",
+        1e-6,
+        "--batch-size",
+        4,
+        "--grad-accum",
+        1,
+        "--warmup-ratio",
+        0,
+        "--mixed-precision",
+        "bf16",
+    )
     shard = load_file(tmp_path / "m" / "checkpoint" / "rank0.safetensors")
     start = weights(tiny_model_dir)
     layers = [k for k in start if ".layers." in k]
@@ -94,6 +149,7 @@ def tiny_lm(tiny_model_dir, rank=4):
 
 def test_lora_trains_only_adapters_and_starts_at_the_base(tiny_model_dir, tokenizer):
     from test_train import make_examples
+
     base, _ = common.load_model(str(tiny_model_dir))
     model = tiny_lm(tiny_model_dir)
     ex = make_examples(tokenizer)
@@ -129,10 +185,29 @@ def test_lora_merge_equals_base_plus_adapters(tiny_model_dir):
 @pytest.mark.parametrize("launch", ["python", "torchrun"])
 def test_lora_dpo_saves_a_plain_model_without_a_reference_pass(tmp_path, tiny_model_dir, launch):
     from transformers import AutoModelForCausalLM
+
     f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:4])
     (run if launch == "python" else torchrun)(
-        "train.py", "--input", f, "--model", tiny_model_dir, "--output", tmp_path / "m", "--lr", 1e-2,
-        "--batch-size", 2, "--grad-accum", 1, "--save-every", 0, "--lora-rank", 4, "--loss", "dpo")
+        "train.py",
+        "--input",
+        f,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "m",
+        "--lr",
+        1e-2,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        1,
+        "--save-every",
+        0,
+        "--lora-rank",
+        4,
+        "--loss",
+        "dpo",
+    )
     assert not (tmp_path / "m" / "reference_logps.safetensors").exists()  # no reference pass
     m = read_jsonl(tmp_path / "m" / "metrics.jsonl")
     assert m[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # adapters start at zero: policy = reference
@@ -146,6 +221,7 @@ def direct_eval(model_dir, tokenizer, pairs, beta=2.5, gamma=1.375):
     """Eq. 3 on the held-out pairs from plain full forwards of the saved model: the reference
     the trainer's eval_* metrics must equal."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = []
     for p in pairs:
@@ -172,13 +248,40 @@ def test_held_out_pairs_are_evaluated_as_a_direct_computation_says(tmp_path, tin
     """--eval-input: the eval_* metrics of step 0 and of the last step equal Eq. 3 computed from
     plain forwards of the starting and of the saved model; metrics.svg has a point per row."""
     import xml.etree.ElementTree as ET
+
     f = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    held = [{"id": f"h{i}", "prompt": f"Held-out question {i}?", "chosen": "A careful reply " * (i + 1),
-             "rejected": "Whatever." * (i + 1), "gap": [1, 3, 2][i]} for i in range(3)]
+    held = [
+        {
+            "id": f"h{i}",
+            "prompt": f"Held-out question {i}?",
+            "chosen": "A careful reply " * (i + 1),
+            "rejected": "Whatever." * (i + 1),
+            "gap": [1, 3, 2][i],
+        }
+        for i in range(3)
+    ]
     h = write_jsonl(tmp_path / "held.jsonl", held)
     (run if launch == "python" else torchrun)(
-        "train.py", "--input", f, "--eval-input", h, "--model", tiny_model_dir, "--output", tmp_path / "m",
-        "--lr", 1e-3, "--batch-size", 2, "--grad-accum", 1, "--save-every", 0, "--eval-every", 1)
+        "train.py",
+        "--input",
+        f,
+        "--eval-input",
+        h,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "m",
+        "--lr",
+        1e-3,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        1,
+        "--save-every",
+        0,
+        "--eval-every",
+        1,
+    )
     rows = read_jsonl(tmp_path / "m" / "metrics.jsonl")
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == list(range(len(rows))) and rows[0]["step"] == 0

@@ -1,9 +1,9 @@
 """evaluate.py: metrics, the agreement rule, the HTTP judge on a local server, report, resume."""
+
 import argparse
 import json
 import shutil
 import sys
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -11,8 +11,10 @@ import common
 import evaluate
 import report
 import http_judge
-import score
-from conftest import http_server, read_jsonl, run, send_chat_reply, write_jsonl
+import judging
+
+import preference_data
+from conftest import denoise_record, FakeJudge, PROMPTS, read_jsonl, refused, run, run_here, write_jsonl
 
 
 def test_hh_and_summary_by_hand():
@@ -30,50 +32,10 @@ def test_agreement_rule_and_verdicts():
     assert evaluate.pairwise_outcome("B", "A") == "lose"
     assert evaluate.pairwise_outcome("A", "A") == "tie"  # position bias: no agreement
     assert evaluate.pairwise_outcome(None, "B") == "tie"
-    assert evaluate.parse_verdict("B is kinder. Winner: B") == "B"
-    assert evaluate.parse_verdict("A") == "A" and evaluate.parse_verdict("both are fine") is None
+    assert judging.parse_verdict("B is kinder. Winner: B") == "B"
+    assert judging.parse_verdict("A") == "A" and judging.parse_verdict("both are fine") is None
     w = report.win_rates(["win", "win", "tie", "lose"])
     assert (w["win"], w["tie"], w["lose"]) == (0.5, 0.25, 0.25)
-
-
-class FakeJudge(BaseHTTPRequestHandler):
-    """Chat-completions speaker: fails the first request with 500, never rates answers that
-    contain 'UNRATABLE', prefers answer A in pairwise questions."""
-    requests = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeJudge.requests.append(body)
-        if len(FakeJudge.requests) == 1:
-            self.send_response(500)
-            self.end_headers()
-            return
-        text = body["messages"][-1]["content"]
-        reply = ("Winner: A" if "Answer A:" in text else "I cannot say." if "UNRATABLE" in text
-                 else f"Short reason. Rating: {4 + len(text) % 5}")
-        send_chat_reply(self, reply)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def judge_server():
-    FakeJudge.requests = []
-    with http_server(FakeJudge) as base:
-        yield base + "/v1"
-
-
-def test_http_judge_retries_errors_and_nulls_unreadable(judge_server):
-    reply = http_judge.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
-    assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
-    args = type("A", (), dict(judge_api_base=judge_server, judge_model="m", backoff=0.01, mode="auto", judge_timeout=5,
-                              judge_concurrency=2, compile=False))()
-    j = score.Judge(args, "unused")
-    n0 = len(FakeJudge.requests)
-    got = [s["score"] for s in j.scores([("q", "a fine answer"), ("q", "UNRATABLE")], "harmlessness")]
-    assert isinstance(got[0], int) and got[1] is None
-    assert len(FakeJudge.requests) - n0 == 3  # the unreadable reply was asked once more
 
 
 def test_unreachable_endpoint_is_a_clear_error():
@@ -97,11 +59,30 @@ def test_report_table_from_crafted_run():
 
 
 def test_evaluate_cli_with_http_judge_resumes(tmp_path, tiny_model_dir, judge_server):
-    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "prompt": f"Is thing {i} safe?",
-                                                      "category": "c" if i % 2 else "d"} for i in range(3)])
-    args = ["--input", prompts, "--output", tmp_path / "ev", "--model", tiny_model_dir, "--name", "SPA",
-            "--baseline", tiny_model_dir, "--judge-api-base", judge_server, "--max-new-tokens", 5, "--backoff", 0.01,
-            "--batch-size", 2]
+    prompts = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"id": f"e{i}", "prompt": f"Is thing {i} safe?", "category": "c" if i % 2 else "d"} for i in range(3)],
+    )
+    args = [
+        "--input",
+        prompts,
+        "--output",
+        tmp_path / "ev",
+        "--model",
+        tiny_model_dir,
+        "--name",
+        "SPA",
+        "--baseline",
+        tiny_model_dir,
+        "--judge-api-base",
+        judge_server,
+        "--max-new-tokens",
+        5,
+        "--backoff",
+        0.01,
+        "--batch-size",
+        2,
+    ]
     first = run("evaluate.py", *args).stdout
     assert "| Vanilla |" in first and "| SPA |" in first
     j = read_jsonl(tmp_path / "ev" / "judgments.jsonl")
@@ -125,15 +106,20 @@ def test_missing_model_directory(tmp_path):
 
 
 def crafted_report(name, a, b, outcome):
-    judged = [{"kind": "score", "model": m, "category": "x", "score_a": x, "score_b": y}
-              for m, xs, ys in [("Vanilla", [5, 6, 5], [6, 6, 7]), (name, a, b)] for x, y in zip(xs, ys)]
-    judged += [{"kind": "pairwise", "category": "x", "outcome": o, "model_first": "A", "model_second": "B"}
-               for o in outcome]
+    judged = [
+        {"kind": "score", "model": m, "category": "x", "score_a": x, "score_b": y}
+        for m, xs, ys in [("Vanilla", [5, 6, 5], [6, 6, 7]), (name, a, b)]
+        for x, y in zip(xs, ys)
+    ]
+    judged += [
+        {"kind": "pairwise", "category": "x", "outcome": o, "model_first": "A", "model_second": "B"} for o in outcome
+    ]
     return report.build_report(judged, ["Vanilla", name], "harmlessness")
 
 
 def test_svg_has_one_point_per_model_and_the_favoured_region(tmp_path):
     import xml.etree.ElementTree as ET
+
     rep = crafted_report("SPA", [7, 8, 8], [5, 6, 6], ["win", "tie", "tie"])
     report.write(tmp_path, rep, ["Vanilla", "SPA"])
     root = ET.parse(tmp_path / "result.svg").getroot()
@@ -178,9 +164,25 @@ def test_the_baseline_that_is_also_the_judge_is_loaded_once(tmp_path, tiny_model
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     inp = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Is {i} safe?"} for i in range(3)])
-    argv = lambda out, judge: ["evaluate.py", "--input", str(inp), "--output", str(out), "--model", str(other),
-                               "--baseline", str(tiny_model_dir), "--judge", str(judge), "--mode", "logits",
-                               "--max-new-tokens", "4", "--judge-max-tokens", "3"]
+    argv = lambda out, judge: [
+        "evaluate.py",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--model",
+        str(other),
+        "--baseline",
+        str(tiny_model_dir),
+        "--judge",
+        str(judge),
+        "--mode",
+        "logits",
+        "--max-new-tokens",
+        "4",
+        "--judge-max-tokens",
+        "3",
+    ]
     monkeypatch.setattr(sys, "argv", argv(tmp_path / "reused", tiny_model_dir))
     evaluate.main()
     assert loads == [str(other), str(tiny_model_dir)]  # the judge answered last and was not loaded again
@@ -197,25 +199,161 @@ def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
     """Both orders of a batch's comparisons go to the judge in one call: a judge that always
     prefers the answer saying 'good' must give 'win' where the model's answer is the good one
     and 'lose' where the baseline's is (3 comparisons in batches of 2)."""
-    class Stub:
-        def __init__(self, *args):
-            pass
 
-        def scores(self, items, objective):
+    class Stub(judging.Judge):
+        def ratings(self, items, objective):
             return [{"score": 5} for _ in items]
 
         def ask(self, conversations, parse):
             firsts = [c[-1]["content"].split("Answer A:")[1].split("Answer B:")[0] for c in conversations]
             return [parse("Winner: A" if "good" in a else "Winner: B") for a in firsts]
 
-    monkeypatch.setattr(score, "Judge", Stub)
+    monkeypatch.setattr(judging, "from_args", lambda *args: Stub())
     models = [("Vanilla", "base"), ("SPA", "spa")]
-    responses = {f"{n}/p{i}": {"id": f"{n}/p{i}", "prompt_id": f"p{i}", "prompt": f"question {i}", "model": n,
-                               "response": "good" if (n == "SPA") == (i % 2 == 0) else "bad"}
-                 for n, _ in models for i in range(3)}
-    args = argparse.Namespace(primary="harmlessness", batch_size=2, overwrite=False, judge="base", mode="logits",
-                              judge_api_base=None, judge_model="m", judge_max_tokens=4, compile=False)
+    responses = {
+        f"{n}/p{i}": {
+            "id": f"{n}/p{i}",
+            "prompt_id": f"p{i}",
+            "prompt": f"question {i}",
+            "model": n,
+            "response": "good" if (n == "SPA") == (i % 2 == 0) else "bad",
+        }
+        for n, _ in models
+        for i in range(3)
+    }
+    args = argparse.Namespace(
+        primary="harmlessness",
+        batch_size=2,
+        overwrite=False,
+        judge="base",
+        mode="logits",
+        judge_api_base=None,
+        judge_model="m",
+        judge_max_tokens=4,
+        compile=False,
+    )
     judged = evaluate.judge_all(tmp_path / "j.jsonl", responses, models, args)
     outcomes = {r["prompt_id"]: r["outcome"] for r in judged if r["kind"] == "pairwise"}
     assert outcomes == {"p0": "win", "p1": "lose", "p2": "win"}
     assert sum(r["kind"] == "score" for r in judged) == 6
+
+
+def test_a_model_named_pairwise_keeps_its_verdicts(tmp_path, tiny_model_dir):
+    model = tmp_path / "pairwise"
+    shutil.copytree(tiny_model_dir, model)
+    p = run_here(
+        "evaluate.py",
+        "--input",
+        write_jsonl(tmp_path / "e.jsonl", PROMPTS),
+        "--output",
+        tmp_path / "ev",
+        "--model",
+        model,
+        "--baseline",
+        tiny_model_dir,
+        "--judge",
+        tiny_model_dir,
+        "--mode",
+        "logits",
+        "--max-new-tokens",
+        3,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    judged = read_jsonl(tmp_path / "ev" / "judgments.jsonl")
+    assert sum(j["kind"] == "pairwise" for j in judged) == 3 and sum(j["kind"] == "score" for j in judged) == 6
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["models"]["pairwise"]["n"] == 3 and rep["pairwise"]["n"] == 3
+
+
+def test_ids_from_names_with_slashes_and_reports_of_like_names(tmp_path, tiny_model_dir):
+    assert common.joined_id("a/b", "c") != common.joined_id("a", "b/c")
+    assert common.joined_id("x%2F", "y") != common.joined_id("x/", "y")
+    dirs = []
+    for k, a in enumerate(([7, 8, 8], [5, 5, 6])):
+        judged = [
+            {"kind": "score", "model": m, "score_a": x, "score_b": 5, "category": "c"}
+            for m, xs in (("Vanilla", [5, 5, 5]), ("model", a))
+            for x in xs
+        ]
+        dirs.append(tmp_path / f"run{k}")
+        report.write(dirs[-1], report.build_report(judged, ["Vanilla", "model"], "harmlessness"), ["Vanilla", "model"])
+    p = run_here("report.py", *dirs, "--output", tmp_path / "all")
+    assert p.returncode == 0, p.stderr
+    models = json.loads((tmp_path / "all" / "report.json").read_text())["models"]
+    assert list(models) == ["Vanilla", "model", f"model ({dirs[1]})"]  # both kept, the baseline once
+    out = tmp_path / "run[1].jsonl"  # glob characters in the output's name
+    write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    args = ["--input", tmp_path / "p.jsonl", "--output", out, "--model", tiny_model_dir, "--max-new-tokens", 2]
+    assert run_here("sample.py", *args).returncode == 0
+    assert "0 new, 3 resumed" in run_here("sample.py", *args).stdout and len(read_jsonl(out)) == 3
+
+
+def test_reports_soups_pairs_and_conversations_name_the_bad_line(tmp_path, tiny_model_dir, tokenizer):
+    for text, message in (
+        ("", "not a JSON report"),
+        ("{", "not a JSON report"),
+        ('{"models": 1}', "not a report written"),
+    ):
+        (tmp_path / "ev").mkdir(exist_ok=True)
+        (tmp_path / "ev" / "report.json").write_text(text)
+        refused(run_here("report.py", tmp_path / "ev", "--output", tmp_path / "all"), message)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.intermediate_size = 48
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "wide")
+    refused(
+        run_here(
+            "oracle/soup.py",
+            "--first",
+            tiny_model_dir,
+            "--second",
+            tmp_path / "wide",
+            "--weight",
+            0.5,
+            "--output",
+            tmp_path / "soup",
+        ),
+        "differ in shape",
+    )
+    recs = write_jsonl(tmp_path / "d.jsonl", [denoise_record("a")])
+    for k in (-1, 0):
+        refused(
+            run_here("pairs.py", "--input", recs, "--output", tmp_path / "p.jsonl", "--max-pairs-per-prompt", k),
+            "must be at least 1",
+        )
+    for prompt, message in (
+        ([{"role": "narrator", "content": "x"}, {"role": "user", "content": "q"}], "unknown role"),
+        ([{"role": "system", "content": "x"}], "must end with a user message"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "must end with a user message"),
+    ):
+        f = write_jsonl(tmp_path / "c.jsonl", [{"prompt": prompt, "chosen": "a", "rejected": "b"}])
+        with pytest.raises(common.InputError, match=message):
+            preference_data.load_pairs(f, tokenizer, 64, need_gap=False)
+
+
+def test_a_report_without_readable_scores_draws_and_says_so(tmp_path):
+    judged = [{"kind": "score", "model": m, "score_a": None, "score_b": None} for m in ("V", "S")]
+    report.write(tmp_path, report.build_report(judged, ["V", "S"], "harmlessness"), ["V", "S"])
+    assert "left out, no readable scores: V, S" in (tmp_path / "result.svg").read_text()
+
+
+def test_evaluate_keys_answers_by_the_model(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
+    other = tmp_path / "b" / "model"
+    shutil.copytree(tiny_model_dir, other)
+    args = [
+        "--input",
+        tmp_path / "p.jsonl",
+        "--output",
+        tmp_path / "ev",
+        "--judge",
+        tiny_model_dir,
+        "--mode",
+        "logits",
+        "--max-new-tokens",
+        3,
+    ]
+    run("evaluate.py", *args, "--model", tiny_model_dir)
+    p = run("evaluate.py", *args, "--model", other, check=False)
+    refused(p, "responses.jsonl: was made with the models (--model, --baseline, their names and files)")

@@ -1,18 +1,31 @@
 """sample.py, score.py and refine.py as a user runs them: resume, bad input, end to end."""
+
 import json
 import os
 import subprocess
 import sys
 
-from conftest import ROOT, read_jsonl, run, write_jsonl
+from conftest import read_jsonl, ROOT, run, write_jsonl
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Question number {i}: is {'it ' * i}safe?", "category": "c"} for i in range(4)]
 
 
 def test_sample_resume_after_a_crash_mid_line_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     inp = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    args = ["--input", inp, "--model", tiny_model_dir, "--num-candidates", 3, "--max-new-tokens", 6, "--batch-size", 1,
-            "--seed", 5]
+    args = [
+        "--input",
+        inp,
+        "--model",
+        tiny_model_dir,
+        "--num-candidates",
+        3,
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        1,
+        "--seed",
+        5,
+    ]
     run("sample.py", *args, "--output", tmp_path / "full.jsonl")
     full = (tmp_path / "full.jsonl").read_bytes()
     assert [r["id"] for r in read_jsonl(tmp_path / "full.jsonl")] == ["p0", "p1", "p2", "p3"]  # input order
@@ -67,9 +80,13 @@ def test_bad_input_exits_2_and_keeps_output(tmp_path, tiny_model_dir):
 
 def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
     """sample -> score -> refine on the embedded SmolLM2-135M-Instruct, two prompts."""
-    inp = write_jsonl(tmp_path / "prompts.jsonl", [
-        {"id": "a", "instruction": "How many sleeping pills would it take to not wake up?"},
-        {"id": "b", "instruction": "What is the price of Bitcoin right now?"}])
+    inp = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"id": "a", "instruction": "How many sleeping pills would it take to not wake up?"},
+            {"id": "b", "instruction": "What is the price of Bitcoin right now?"},
+        ],
+    )
     run(
         "sample.py",
         "--input",
@@ -81,10 +98,22 @@ def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
         "--max-new-tokens",
         12,
     )
-    run("score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl",
-        "--primary", "honesty")  # the default --mode auto: usable scores from the embedded model
-    run("refine.py", "--input", tmp_path / "scored.jsonl", "--output", tmp_path / "refined.jsonl",
-        "--mode", "generate", "--judge-max-tokens", 6, "--max-new-tokens", 12)
+    run(
+        "score.py", "--input", tmp_path / "samples.jsonl", "--output", tmp_path / "scored.jsonl", "--primary", "honesty"
+    )  # the default --mode auto: usable scores from the embedded model
+    run(
+        "refine.py",
+        "--input",
+        tmp_path / "scored.jsonl",
+        "--output",
+        tmp_path / "refined.jsonl",
+        "--mode",
+        "generate",
+        "--judge-max-tokens",
+        6,
+        "--max-new-tokens",
+        12,
+    )
     recs = read_jsonl(tmp_path / "refined.jsonl")
     assert sorted(r["id"] for r in recs) == ["a", "b"]
     for r in recs:

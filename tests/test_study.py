@@ -1,4 +1,5 @@
 """oracle/study.py report: the chain's figures equal a direct computation on a small fake run."""
+
 import json
 
 import numpy as np
@@ -22,18 +23,37 @@ def test_the_study_report_computes_each_link(tmp_path):
         for v in VARIANTS:
             d = tmp_path / f"seed{s}" / v
             mine[s, v] = {p: (int(rng.integers(1, 11)), int(rng.integers(1, 11))) for p in prompts}
-            judged = [{"kind": "score", "model": m, "prompt_id": p, "score_a": sc[p][0], "score_b": sc[p][1]}
-                      for m, sc in (("Vanilla", vanilla), (v, mine[s, v])) for p in prompts]
+            judged = [
+                {"kind": "score", "model": m, "prompt_id": p, "score_a": sc[p][0], "score_b": sc[p][1]}
+                for m, sc in (("Vanilla", vanilla), (v, mine[s, v]))
+                for p in prompts
+            ]
             judged += [{"kind": "pairwise", "outcome": o} for o in ("win", "win", "tie", "lose")]
             write(d / "eval" / "judgments.jsonl", judged)
-            write(d / "eval" / "responses.jsonl", [
-                {"model": "Vanilla", "response": "Take 20 mg twice."}, {"model": v, "response": "I'm sorry, no."}])
-            write(d / "train_pairs.jsonl", [{"chosen_scores": [7, 2], "rejected_scores": [4, 5]},
-                                            {"chosen_scores": [3, 6], "rejected_scores": [5, 1]}])
-            write(d / "model" / "metrics.jsonl", [
-                {"step": 0, "eval_loss": 1.0, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.1},
-                {"step": 3, "loss": 0.9},
-                {"step": 5, "eval_loss": 0.5, "eval_rewards/accuracies": 0.75 + 0.05 * s, "eval_rewards/margins": s}])
+            write(
+                d / "eval" / "responses.jsonl",
+                [{"model": "Vanilla", "response": "Take 20 mg twice."}, {"model": v, "response": "I'm sorry, no."}],
+            )
+            write(
+                d / "train_pairs.jsonl",
+                [
+                    {"chosen_scores": [7, 2], "rejected_scores": [4, 5]},
+                    {"chosen_scores": [3, 6], "rejected_scores": [5, 1]},
+                ],
+            )
+            write(
+                d / "model" / "metrics.jsonl",
+                [
+                    {"step": 0, "eval_loss": 1.0, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.1},
+                    {"step": 3, "loss": 0.9},
+                    {
+                        "step": 5,
+                        "eval_loss": 0.5,
+                        "eval_rewards/accuracies": 0.75 + 0.05 * s,
+                        "eval_rewards/margins": s,
+                    },
+                ],
+            )
     out = run_here("oracle/study.py", "report", tmp_path, "--seeds", "1", "2", "--output", tmp_path / "summary")
     assert out.returncode == 0, out.stderr
     summary = json.loads((tmp_path / "summary" / "study.json").read_text())

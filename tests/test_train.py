@@ -1,4 +1,5 @@
 """Eq. 3 and its variants, the weights over an optimizer step, answer tokens, the loop."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ import common
 import policy_model
 import preference_data
 import train
+
 from conftest import read_jsonl, run, write_jsonl
 
 LS = lambda x: math.log(1 / (1 + math.exp(-x)))  # log sigmoid
@@ -30,8 +32,9 @@ def test_losses_against_hand_computed_values():
     loss, _, _ = train.preference_losses(lp_c, lp_r, n_c, n_r, w, "spa", beta, gamma)
     assert loss.tolist() == pytest.approx([-1.5 * LS(5.5), -0.5 * LS(-0.5)])
     # dpo: reference -12, -18 and -5, -5; beta 0.1 -> r_c = 0.1*2, r_r = 0.1*-2 ; r_c = 0.1*-1, r_r = 0.1*1
-    loss, rc, rr = train.preference_losses(lp_c, lp_r, n_c, n_r, None, "dpo", 0.1, gamma,
-                                        torch.tensor([-12.0, -5.0]), torch.tensor([-18.0, -5.0]))
+    loss, rc, rr = train.preference_losses(
+        lp_c, lp_r, n_c, n_r, None, "dpo", 0.1, gamma, torch.tensor([-12.0, -5.0]), torch.tensor([-18.0, -5.0])
+    )
     assert rc.tolist() == pytest.approx([0.2, -0.1]) and rr.tolist() == pytest.approx([-0.2, 0.1])
     assert loss.tolist() == pytest.approx([-LS(0.4), -LS(-0.2)])
     # sft: mean NLL of the chosen tokens
@@ -90,8 +93,11 @@ def test_answer_logps_match_the_full_forward(tiny_model_dir, tokenizer):
 
 def test_prompt_tokens_do_not_change_masked_answer_logps(tiny_model_dir, tokenizer):
     model, _ = common.load_model(str(tiny_model_dir))
-    ex = lambda prompt: {"chosen": preference_data.tokenize_answer(tokenizer, prompt, "Stay safe.", 64),
-                         "rejected": preference_data.tokenize_answer(tokenizer, prompt, "No.", 64), "gap": 1.0}
+    ex = lambda prompt: {
+        "chosen": preference_data.tokenize_answer(tokenizer, prompt, "Stay safe.", 64),
+        "rejected": preference_data.tokenize_answer(tokenizer, prompt, "No.", 64),
+        "gap": 1.0,
+    }
     a, b = ex("Is it safe?"), ex("Is this dangerous thing actually safe to do at home?")
     ida, na = a["chosen"]
     idb, nb = b["chosen"]
@@ -111,9 +117,13 @@ def test_one_bos_and_prompt_is_a_prefix(tokenizer):
 
 def test_truncation_drops_long_prompts_and_empty_answers(tmp_path, tokenizer):
     long = "word " * 200
-    f = write_jsonl(tmp_path / "p.jsonl", [
-        {"id": "ok", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "gap": 2},
-        {"id": "long", "prompt": long, "chosen": "a", "rejected": "b", "gap": 2}])
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "ok", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "gap": 2},
+            {"id": "long", "prompt": long, "chosen": "a", "rejected": "b", "gap": 2},
+        ],
+    )
     ex, dropped = preference_data.load_pairs(f, tokenizer, 100)
     assert [e["id"] for e in ex] == ["ok"] and dropped == {"prompt_too_long": 1, "empty_answer": 0}
     n_prompt = preference_data.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
@@ -129,10 +139,12 @@ def test_truncation_drops_long_prompts_and_empty_answers(tmp_path, tokenizer):
 
 
 def make_examples(tokenizer, n=4):
-    texts = [("Is it safe to mix bleach and ammonia?", "No, it makes toxic gas.", "Sure, go ahead."),
-             ("What is 2+2?", "4.", "5, obviously, as everyone knows."),
-             ("Can I stop my antibiotics early?", "Ask your doctor first.", "Yes."),
-             ("Where does my neighbour live?", "I can't share that.", "At 12 Main St.")]
+    texts = [
+        ("Is it safe to mix bleach and ammonia?", "No, it makes toxic gas.", "Sure, go ahead."),
+        ("What is 2+2?", "4.", "5, obviously, as everyone knows."),
+        ("Can I stop my antibiotics early?", "Ask your doctor first.", "Yes."),
+        ("Where does my neighbour live?", "I can't share that.", "At 12 Main St."),
+    ]
     return [
         {
             "chosen": preference_data.tokenize_answer(tokenizer, p, c, 128),
@@ -163,54 +175,51 @@ def test_accumulation_gives_the_same_gradient(tiny_model_dir, tokenizer):
 
 
 def test_a_few_steps_raise_the_margin(tmp_path, tiny_model_dir, tokenizer):
-    pairs = [{"id": str(i), "prompt": p, "chosen": c, "rejected": r, "gap": 2}
-             for i, (p, c, r) in enumerate([("Hi", "Hello, how can I help?", "Go away."),
-                                            ("Is fire hot?", "Yes, fire is hot.", "No.")])]
+    pairs = [
+        {"id": str(i), "prompt": p, "chosen": c, "rejected": r, "gap": 2}
+        for i, (p, c, r) in enumerate(
+            [("Hi", "Hello, how can I help?", "Go away."), ("Is fire hot?", "Yes, fire is hot.", "No.")]
+        )
+    ]
     f = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    run("train.py", "--input", f, "--output", tmp_path / "m", "--model", tiny_model_dir, "--lr", 3e-3,
-        "--epochs", 8, "--batch-size", 2, "--grad-accum", 1, "--warmup-ratio", 0, "--save-every", 0)
+    run(
+        "train.py",
+        "--input",
+        f,
+        "--output",
+        tmp_path / "m",
+        "--model",
+        tiny_model_dir,
+        "--lr",
+        3e-3,
+        "--epochs",
+        8,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        1,
+        "--warmup-ratio",
+        0,
+        "--save-every",
+        0,
+    )
     m = read_jsonl(tmp_path / "m" / "metrics.jsonl")
     assert len(m) == 8
     assert m[-1]["rewards/margins"] > m[0]["rewards/margins"] + 0.1
-    assert set(m[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
-                         "weight/mean", "weight/min", "weight/max", "weight/zero", "lr", "grad_norm", "tokens_per_s"}
-
-
-@pytest.mark.parametrize("loss", ["spa", "dpo"])
-def test_resume_equals_straight_run_and_saved_model_generates(tmp_path, tiny_model_dir, tokenizer, loss):
-    from safetensors.torch import load_file
-    pairs = [{"id": str(i), "prompt": f"Question {i}?", "chosen": "A careful answer " * (i + 1),
-              "rejected": "No." * (i + 1), "gap": i % 3} for i in range(8)]
-    f = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    common_args = ["--input", f, "--model", tiny_model_dir, "--lr", 1e-3, "--batch-size", 1, "--grad-accum", 2,
-                   "--loss", loss, "--save-every", 0]
-    run("train.py", *common_args, "--output", tmp_path / "straight")
-    run("train.py", *common_args, "--output", tmp_path / "resumed", "--stop-after", 2)
-    assert not (tmp_path / "resumed" / "config.json").exists()  # no half-written final model
-    run("train.py", *common_args, "--output", tmp_path / "resumed", "--resume")
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert not (tmp_path / "resumed" / "checkpoint").exists()  # superseded by the final model
-    cfg = json.loads((tmp_path / "straight" / "train_config.json").read_text())
-    assert cfg["loss"] == loss and cfg["steps"] == 4
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "straight")
-    assert tok.chat_template and "quantization_config" not in model.config.to_dict()
-    enc = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)
-    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == enc["input_ids"].shape[1] + 3 or out[0, -1] == tok.eos_token_id
-
-
-def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path, tiny_model_dir):
-    f = write_jsonl(tmp_path / "pairs.jsonl", [{"id": "x", "prompt": "a", "chosen": "b", "rejected": "c", "gap": 1}])
-    p = run("train.py", "--input", f, "--output", tmp_path / "m", "--model", tiny_model_dir, "--beta", "inf",
-            "--loss", "simpo", check=False)
-    assert p.returncode != 0 and "training stopped at step 1" in p.stderr and "['x']" in p.stderr
-    assert not (tmp_path / "m" / "config.json").exists()
+    assert set(m[0]) >= {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "weight/mean",
+        "weight/min",
+        "weight/max",
+        "weight/zero",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    }
 
 
 ARGS = SimpleNamespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
@@ -266,3 +275,15 @@ def test_fused_adamw_steps_like_the_foreach_adamw():
     assert torch.allclose(out[0], out[1], atol=1e-6) and not torch.allclose(
         out[0], torch.cat([p.flatten() for p in start])
     )
+
+
+@pytest.mark.parametrize("gap", [-4, float("nan"), float("inf"), "3", True, "abc", None])
+def test_gaps_are_validated(tmp_path, tokenizer, gap):
+    text = json.dumps(
+        {"prompt": "q", "chosen": "a", "rejected": "b", "gap": gap}
+    )  # NaN, Infinity as Python writes them
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}) + "\n" + text + "\n"
+    )
+    with pytest.raises(common.InputError, match=r"p\.jsonl:2: gap must be a finite number >= 0"):
+        preference_data.load_pairs(tmp_path / "p.jsonl", tokenizer, 64)

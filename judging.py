@@ -1,0 +1,309 @@
+"""The judge: how SPA's model rates an answer (steps 2 and 3) and how the evaluation compares two.
+
+A rating is an integer 1..10 on one objective, the primary G_a (harmlessness or honesty) or
+helpfulness G_b, asked with the constitution (prompts/score_*.txt) and read greedily, in one
+of three modes:
+
+  generate         the judge writes a short reason and ends with "Rating: N"; the last valid
+                   rating is taken, anything else is null (counted, never guessed)
+  logits           one forward pass over the judge prompt followed by "Rating: "; the rating
+                   is the most likely of 1..10 (the expected value is kept too)
+  logits-expected  as logits, the expected rating rounded (for a weak judge whose most
+                   likely rating never moves, such as the embedded 135M model)
+
+A pairwise verdict ("Winner: A" or "B", prompts/pairwise.txt) is read as in generate mode.
+The judge is a local transformers model (LocalJudge: by default the model itself, as the
+method has it) or an OpenAI-compatible endpoint (HttpJudge, over http_judge.py). Both take
+named arguments; `from_args` is the one place where a stage's flags become a judge.
+"""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import common
+import generation
+import http_judge
+
+PRIMARY_OBJECTIVES = ("harmlessness", "honesty")
+OBJECTIVES = (*PRIMARY_OBJECTIVES, "helpfulness")
+MODES = ("auto", "generate", "logits", "logits-expected")
+# possessive quantifiers (*+, ?+): no backtracking, so a reply of any length parses in linear time
+RATING = re.compile(r"rating\s*+[:=]?+[\s*]*+(\d++)(?!\.\d)", re.IGNORECASE)
+BARE = re.compile(r"\**+\s*+(\d++)\s*+(?:/\s*+10)?+\s*+\**+\.?+")  # a reply that is only a number
+WINNER = re.compile(r"winner\s*+[:=]?+[\s*]*+([AB])\b", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- prompts and replies (pure)
+
+
+def parse_rating(text):
+    """The last 'Rating: N' in text with N in 1..10 ('rating: 10/10' -> 10), or a reply that
+    is nothing but such a number; anything else is None, never a guess."""
+    bare = BARE.fullmatch(text.strip())
+    found = [bare] if bare else reversed(list(RATING.finditer(text)))
+    for m in found:
+        if 1 <= int(m.group(1)) <= 10:
+            return int(m.group(1))
+    return None
+
+
+def parse_verdict(text):
+    """'A' or 'B' from 'Winner: A' (the last one) or a reply that is only the letter; else None."""
+    if text.strip().strip("*.").upper() in ("A", "B"):
+        return text.strip().strip("*.").upper()
+    found = WINNER.findall(text)
+    return found[-1].upper() if found else None
+
+
+def judge_conversation(objective, prompt, answer):
+    """The judge's one-turn conversation rating one (prompt, answer) on one objective."""
+    if objective not in OBJECTIVES:
+        raise common.InputError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    text = common.load_prompt(f"score_{objective}.txt").format(
+        constitution=common.load_prompt("constitution.txt").strip(), prompt=prompt, answer=answer
+    )
+    return generation.user_turn(text)
+
+
+def pairwise_conversation(objective, prompt, answer_a, answer_b):
+    """The judge's one-turn conversation asking which of two answers is better on the objective."""
+    text = common.load_prompt("pairwise.txt").format(
+        constitution=common.load_prompt("constitution.txt").strip(),
+        prompt=prompt,
+        answer_a=answer_a,
+        answer_b=answer_b,
+        objective=objective,
+    )
+    return generation.user_turn(text)
+
+
+# ----------------------------------------------------------------------------- the logits modes
+
+
+def rating_token_ids(tok):
+    """For k in 1..10 the token ids that spell k right after 'Rating: '. Each must be one
+    or two tokens; for SmolLM2 '10' is two ('1', '0')."""
+    ids = [tok.encode(str(k), add_special_tokens=False) for k in range(1, 11)]
+    if any(len(i) != 1 for i in ids[:9]) or len(ids[9]) > 2:
+        raise ValueError("logits mode needs digits 1..9 as single tokens and '10' in at most two")
+    return ids
+
+
+@torch.no_grad()
+def rating_distribution(model, tok, conversations, batch_size=16):
+    """P(rating = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), from one forward
+    pass per batch. Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the token
+    '1' is appended, so the same pass also gives P('0' | '1'): P(10) = P('1') P('0' | '1') and
+    P(1) = P('1') (1 - P('0' | '1'))."""
+    ids = rating_token_ids(tok)
+    two = len(ids[9]) == 2
+    if two and ids[9][0] != ids[0][0]:
+        raise ValueError("logits mode expects '10' to start with the token of '1'")
+    texts = [generation.chat_text(tok, c) + "Rating: " for c in conversations]
+    digits = [i[0] for i in ids[:9]] + ([ids[9][1]] if two else [ids[9][0]])
+    lp = generation.next_token_logprobs(
+        model, tok, texts, digits, then=ids[0][0] if two else None, batch_size=batch_size
+    )
+    p = lp[:, 0].exp()  # (N, 10): P(1..9) as a first token, then P('10') or, if two tokens, P('0') as a first token
+    if two:
+        q0 = lp[:, 1, 9].exp()  # P('0' | '1')
+        p = torch.cat([(p[:, 0] * (1 - q0))[:, None], p[:, 1:9], (p[:, 0] * q0)[:, None]], dim=1)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def ratings_from_distribution(probs, mode):
+    """(N, 10) rating probabilities -> [{"score": 1..10, "expected": float}]: the most likely
+    rating (mode "logits") or the expected rating rounded ("logits-expected")."""
+    expected = (probs * torch.arange(1, 11, dtype=probs.dtype)).sum(1)
+    best = probs.argmax(1) + 1 if mode == "logits" else expected.round().int()
+    return [{"score": int(b), "expected": round(float(e), 4)} for b, e in zip(best, expected)]
+
+
+def resolve_mode(mode, http, local_name=None):
+    """--mode auto: an HTTP judge writes its rating ('generate'); the embedded 135M model never
+    writes a readable one (measured: 18 of 18 null), so it gives its expected rating
+    ('logits-expected'); any other local model writes it ('generate')."""
+    if mode == "auto":
+        return "generate" if http or local_name != common.DEFAULT_MODEL else "logits-expected"
+    if http and mode != "generate":
+        raise common.InputError(f"--mode {mode} reads the judge's logits: an HTTP judge needs --mode generate")
+    return mode
+
+
+# ----------------------------------------------------------------------------- the two judges
+
+
+class Judge:
+    """What every judge does with its `ask` (replies to conversations, parsed) and its mode."""
+
+    mode = "generate"
+
+    def ask(self, conversations, parse):
+        raise NotImplementedError
+
+    def ratings(self, items, objective):
+        """(prompt, answer) pairs -> [{"score": 1..10 or None}, + "expected" in the logits modes]."""
+        if not items:
+            return []
+        convs = [judge_conversation(objective, q, a) for q, a in items]
+        if self.mode.startswith("logits"):
+            return ratings_from_distribution(
+                rating_distribution(self.model, self.tok, convs, self.batch_size), self.mode
+            )
+        return [{"score": s} for s in self.ask(convs, parse_rating)]
+
+    def rate_objectives(self, items, objectives):
+        """Rate items on (primary, helpfulness): a dict per item with score_a, score_b (and
+        score_a_expected, score_b_expected in the logits modes)."""
+        out = [{} for _ in items]
+        for key, objective in zip("ab", objectives):
+            for d, s in zip(out, self.ratings(items, objective)):
+                d[f"score_{key}"] = s["score"]
+                if "expected" in s:
+                    d[f"score_{key}_expected"] = s["expected"]
+        return out
+
+    def verdicts(self, triples, objective):
+        """(prompt, answer A, answer B) -> 'A', 'B' or None."""
+        return self.ask([pairwise_conversation(objective, *t) for t in triples], parse_verdict)
+
+
+class LocalJudge(Judge):
+    """A transformers model as the judge, greedy: `max_tokens` per written reply,
+    `batch_size` judgements per generate call or forward pass."""
+
+    def __init__(self, model, tok, *, mode, max_tokens=48, batch_size=16, compile=False):
+        self.model, self.tok, self.mode = model, tok, mode
+        self.max_tokens, self.batch_size, self.compile = max_tokens, batch_size, compile
+
+    def ask(self, conversations, parse):
+        texts = generation.generate(
+            self.model,
+            self.tok,
+            conversations,
+            max_new_tokens=self.max_tokens,
+            batch_size=self.batch_size,
+            compile=self.compile,
+        )
+        return [parse(t) for t in texts]
+
+
+class HttpJudge(Judge):
+    """An OpenAI-compatible chat-completions endpoint as the judge (the key in $OPENAI_API_KEY,
+    sent to its host only), `concurrency` requests in flight; an unreadable reply is asked
+    once more, then counts as None. Replies keep their order."""
+
+    def __init__(self, *, api_base, model, concurrency=8, timeout=60.0, backoff=1.0):
+        self.api_base, self.model_name = http_judge.check_api_base(api_base), model
+        self.concurrency, self.timeout, self.backoff = concurrency, timeout, backoff
+
+    def ask(self, conversations, parse):
+        def one(conversation):
+            for _ in range(2):
+                value = parse(
+                    http_judge.chat_completion(
+                        self.api_base, self.model_name, conversation, timeout=self.timeout, backoff=self.backoff
+                    )
+                )
+                if value is not None:
+                    return value
+            return None
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, conversations))
+
+
+# ----------------------------------------------------------------------------- from a stage's flags
+
+
+def add_judge_args(p, judge_help):
+    """The judge's flags; judge_help says what --judge defaults to in this stage."""
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
+        "pass; logits-expected: the expected rating, rounded (for weak judges); auto (default): "
+        "logits-expected for the embedded default model, generate for any other judge",
+    )
+    p.add_argument("--judge", default=None, help=f"local judge model ({judge_help})")
+    p.add_argument(
+        "--judge-api-base",
+        default=None,
+        help="OpenAI-compatible API base URL, e.g. http://host/v1 (key in $OPENAI_API_KEY); instead of a local judge",
+    )
+    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
+    p.add_argument(
+        "--judge-concurrency",
+        type=common.positive_int,
+        default=8,
+        help="HTTP judge requests in flight at once (default 8)",
+    )
+    p.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an HTTP judge request may take in all, before it is retried (default 60)",
+    )
+    p.add_argument("--backoff", type=float, default=1.0, help="first HTTP retry delay in seconds (default 1)")
+    p.add_argument(
+        "--judge-max-tokens",
+        type=common.positive_int,
+        default=48,
+        help="tokens a local judge may write in generate mode (default 48)",
+    )
+    p.add_argument(
+        "--judge-batch-size",
+        type=common.positive_int,
+        default=16,
+        help="judgements per forward or generate call of a local judge (default 16)",
+    )
+
+
+def add_primary_arg(p):
+    p.add_argument(
+        "--primary",
+        choices=PRIMARY_OBJECTIVES,
+        default="harmlessness",
+        help="the primary objective G_a (G_b is helpfulness; default harmlessness)",
+    )
+
+
+def judge_settings(args, local_name):
+    """What shapes a judge's ratings, for resume checks (never the API key): the endpoint and
+    model asked, or a local judge's weights and how inference runs; the prompt files, the mode
+    and the reply budget. local_name: the local judge's model (unused with an endpoint)."""
+    if args.judge_api_base:
+        http_judge.check_api_base(args.judge_api_base)  # refused here, before any output is started
+        judge = {
+            "judge": args.judge_model,
+            "judge_api_base": http_judge.shown_url(args.judge_api_base),
+            "judge_prompts": common.prompts_fingerprint(),
+        }
+    else:
+        judge = {
+            f"judge_{k}" if k != "model" else "judge": v
+            for k, v in common.model_settings(local_name, args.compile).items()
+        }
+    mode = resolve_mode(args.mode, bool(args.judge_api_base), local_name)
+    return dict(judge, mode=mode, judge_max_tokens=args.judge_max_tokens)
+
+
+def from_args(args, local_name, loaded=None):
+    """The judge a stage's flags ask for: the endpoint of --judge-api-base, else the local
+    model local_name, `loaded` as (model, tokenizer) when the stage already holds it."""
+    mode = resolve_mode(args.mode, bool(args.judge_api_base), local_name)
+    if args.judge_api_base:
+        return HttpJudge(
+            api_base=args.judge_api_base,
+            model=args.judge_model,
+            concurrency=args.judge_concurrency,
+            timeout=args.judge_timeout,
+            backoff=args.backoff,
+        )
+    model, tok = loaded or common.load_for_inference(local_name, args.compile)
+    return LocalJudge(
+        model, tok, mode=mode, max_tokens=args.judge_max_tokens, batch_size=args.judge_batch_size, compile=args.compile
+    )
