@@ -51,10 +51,18 @@ def plan_info(args, examples, n_steps):
     }
 
 
+# what train.py writes in its output folder under fixed names (the model's own files are renamed
+# into place, which replaces a link instead of writing through it)
+WRITTEN = ("train.lock", "metrics.jsonl", "checkpoint.tmp", "final.tmp", "reference_logps.safetensors")
+
+
 def check_output(out, args):
-    """Refuse to train over a finished model, or over a checkpoint without --resume/--overwrite."""
+    """Refuse to train over a finished model, over a checkpoint without --resume/--overwrite, or
+    where a link stands at a name train.py writes (jsonl.refuse_link)."""
     if out.exists() and not out.is_dir():
         raise common.InputError(f"{out}: --output is a file; it must be a directory")
+    for name in WRITTEN:
+        jsonl.refuse_link(out / name)
     if (out / "config.json").exists() and not args.resume:
         raise common.InputError(f"{out}: already holds a trained model; choose another --output")
     if not args.resume and not args.overwrite and find_checkpoint(out):
@@ -73,10 +81,15 @@ def rank_file(directory, rank):
 def save_checkpoint(out, named_params, opt, sched, step, plan_info):
     """Every rank writes its shards; rank 0 writes trainer_state.json and swaps the folders."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    error = None
     if distributed.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
+        try:
+            jsonl.fresh_dir(tmp)
+        except common.InputError as e:
+            error = str(e)
+    error = distributed.first_error(error)
+    if error:
+        raise common.InputError(error)
     tensors = {"rng.torch": torch.get_rng_state()}
     for name, p in named_params:
         tensors[f"model.{name}"] = local(p.detach()).contiguous().cpu()
@@ -181,8 +194,7 @@ def full_state_dict(module):
 def save_final(out, lm, state_dict, tok, config):
     """Rank 0: save_pretrained into a temporary folder, then move the files in with
     config.json last: the output only looks like a model once every weight file is there."""
-    tmp = out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = jsonl.fresh_dir(out / "final.tmp")
     lm.config.use_cache = True
     lm.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)

@@ -62,6 +62,14 @@ def progress(iterable, **kwargs):
     return tqdm(iterable, **kwargs) if distributed.is_main() else tqdm(iterable, disable=True, **kwargs)
 
 
+def resolved(path):
+    """path.resolve(), or an InputError when links there loop."""
+    try:
+        return path.resolve()
+    except RuntimeError as e:  # "Symlink loop from ..."
+        raise InputError(f"{path}: {e}") from None
+
+
 def refuse_overlap(reads, writes, writes_like=None):
     """Stop before anything is written if a path this run writes or removes (an output, a side
     file beside it, an output folder) is a path it reads (an input file, a model folder), or
@@ -71,7 +79,7 @@ def refuse_overlap(reads, writes, writes_like=None):
     reads = [Path(r) for r in reads if r is not None]
     for w in (Path(w) for w in writes if w is not None):
         for r in reads:
-            rw, rr = w.resolve(), r.resolve()
+            rw, rr = resolved(w), resolved(r)
             same = rw == rr or (w.exists() and r.exists() and os.path.samefile(w, r))
             if same or rr.is_relative_to(rw) or rw.is_relative_to(rr):
                 role = "--output" if w == Path(writes[0]) else "beside --output"
@@ -79,9 +87,9 @@ def refuse_overlap(reads, writes, writes_like=None):
                     f"{r}: this run reads it, and would write or remove {w} ({role}); choose another --output"
                 )
     if writes_like is not None:
-        out = Path(writes[0]).resolve()
+        out = resolved(Path(writes[0]))
         for r in reads:
-            if r.resolve().parent == out.parent and writes_like.fullmatch(r.name):
+            if resolved(r).parent == out.parent and writes_like.fullmatch(r.name):
                 raise InputError(
                     f"{r}: named like a part file of --output {writes[0]}, which this run writes and "
                     "removes; choose another --output"
@@ -153,9 +161,15 @@ def resolve_model(name):
         return str(ensure_default_model())
     if os.path.isdir(name):
         return name
-    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
-        raise InputError(f"{name}: no such model directory")
-    return name  # a hub name, for users with network
+    first = name.split("/")[0]
+    if (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (name.count("/") and os.path.isdir(first))
+    ):
+        raise InputError(f"{name}: no such model directory")  # a local path (its first folder exists here)
+    return name  # a hub name (org/name), for users with network
 
 
 def model_folder(name):
@@ -165,20 +179,19 @@ def model_folder(name):
 
 
 def model_fingerprint(name):
-    """What a model folder holds, in 16 hex digits: each weight, config, tokenizer and chat
-    template file's name, size and first and last MiB. Recorded with the settings, so that a
-    resumed run notices weights replaced at the same path (a hub name stands for itself)."""
+    """What a model folder holds, in 16 hex digits: the SHA-256 of every byte of each weight,
+    config, tokenizer and chat-template file, with its name. Recorded with the settings, so a
+    resumed run notices weights or a tokenizer replaced at the same path, wherever the change
+    lies (a hub name stands for itself). Cost: one read of the files, about 1.2 GB/s on the
+    2-core development CPU (hashlib), so about 14 s for an 8B model's 16 GB in bf16 (computed)."""
     path = model_folder(name)
     if path is None:
         return str(name)
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt"):
-            size = f.stat().st_size
             with open(f, "rb") as fh:
-                first = fh.read(1 << 20)
-                fh.seek(max(size - (1 << 20), 0))
-                h.update(f"{f.name}:{size}:".encode() + first + fh.read())
+                h.update(f"{f.name}:{f.stat().st_size}:".encode() + hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()[:16]
 
 
@@ -261,28 +274,41 @@ def load_for_inference(name, compile=False):
     return (speed.prepare_inference(model.eval()) if speed else model.eval()), tok
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number(kind=float, low=None, high=None, above=None, name=None):
+    """An argparse type: a finite `kind` (int or float) with low <= value <= high, or value >
+    above. Every number flag of every script takes one of these, so a range is checked while
+    the flags are parsed, before any work (tests/test_structure.py holds the scripts to it)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        wrong = not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+        if wrong or (above is not None and not value > above):
+            bounds = [
+                f">= {low}" if low is not None else None,
+                f"<= {high}" if high is not None else None,
+                f"> {above}" if above is not None else None,
+            ]
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(
+                " and ".join([f"must be {what}", *(b for b in bounds if b)]).replace(f"{what} and ", f"{what} ", 1)
+                + f", got {text}"
+            )
+        return value
+
+    parse.__name__ = name or f"{kind.__name__} in range"  # argparse names the type in its messages
+    return parse
 
 
-def non_negative(text):
-    """argparse type: a finite number >= 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text):
-    """argparse type: a number in 0..1."""
-    value = float(text)
-    if not 0 <= value <= 1:  # nan fails too
-        raise argparse.ArgumentTypeError(f"must be in 0..1, got {text}")
-    return value
+positive_int = number(int, low=1, name="positive_int")
+non_negative_int = number(int, low=0, name="non_negative_int")
+seed_int = number(int, low=0, high=2**63 - 1, name="seed")
+positive = number(float, above=0, name="positive")
+non_negative = number(float, low=0, name="non_negative")
+fraction = number(float, low=0, high=1, name="fraction")
+finite = number(float, name="finite")
 
 
 def add_common_args(p, batch_size=8, seed=True):
@@ -295,7 +321,7 @@ def add_common_args(p, batch_size=8, seed=True):
         help=f"transformers model directory or hub name (default: the embedded {DEFAULT_MODEL})",
     )
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--batch-size",
         type=positive_int,

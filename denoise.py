@@ -25,6 +25,7 @@ import numpy as np
 import common
 import jsonl
 import records
+import resumable
 
 REASONS = ("kept", "unscored", "inconsistent", "degenerate", "unstable")
 
@@ -141,32 +142,8 @@ def second_judge(path, inputs):
     return theirs
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="refined.jsonl from refine.py")
-    p.add_argument("--output", required=True, help="denoised.jsonl (the surviving records)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tau", type=common.non_negative, help="absolute upper bound on det(Sigma_j)")
-    g.add_argument(
-        "--tau-quantile",
-        type=common.fraction,
-        default=0.33,
-        help="tau as this quantile (0..1) of the run's positive dets (default 0.33: the paper kept "
-        "about the lowest third)",
-    )
-    p.add_argument("--no-consistency", action="store_true", help="ablation: skip the consistency filter")
-    p.add_argument("--no-informativeness", action="store_true", help="ablation: skip the covariance filter")
-    p.add_argument(
-        "--rv-against", metavar="FILE", help="the same records scored by a second judge: print (fraction included, RV)"
-    )
-    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
-    args = p.parse_args()
-    out, summary_path = Path(args.output), Path(args.output).with_suffix(".summary.json")
-    common.refuse_overlap(
-        reads=[args.input, args.rv_against],
-        writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))],
-    )
-
+def denoise_file(args, out, summary_path):
+    """Read, check, filter and write: the run's one writer of OUT and its summary."""
     refined = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
     records.check_scored(args.input, refined)
     theirs = second_judge(args.rv_against, refined) if args.rv_against else None
@@ -202,6 +179,36 @@ def main():
         )
     jsonl.write_jsonl_atomic(out, [dict(r, det_cov=d) for r, d, w in zip(refined, dets, why) if w == "kept"])
     jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="refined.jsonl from refine.py")
+    p.add_argument("--output", required=True, help="denoised.jsonl (the surviving records)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tau", type=common.non_negative, help="absolute upper bound on det(Sigma_j)")
+    g.add_argument(
+        "--tau-quantile",
+        type=common.fraction,
+        default=0.33,
+        help="tau as this quantile (0..1) of the run's positive dets (default 0.33: the paper kept "
+        "about the lowest third)",
+    )
+    p.add_argument("--no-consistency", action="store_true", help="ablation: skip the consistency filter")
+    p.add_argument("--no-informativeness", action="store_true", help="ablation: skip the covariance filter")
+    p.add_argument(
+        "--rv-against", metavar="FILE", help="the same records scored by a second judge: print (fraction included, RV)"
+    )
+    p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N records")
+    args = p.parse_args()
+    out, summary_path = Path(args.output), Path(args.output).with_suffix(".summary.json")
+    common.refuse_overlap(
+        reads=[args.input, args.rv_against],
+        writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))],
+    )
+
+    with resumable.one_writer(out):
+        denoise_file(args, out, summary_path)
 
 
 if __name__ == "__main__":

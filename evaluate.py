@@ -159,6 +159,8 @@ def judge_all(path, responses, models, args, loaded=None):
                         for w, f, s in zip(batch, first, second)
                     ]
                 )
+    if judge is not None:
+        judge.check_readable(least=1)  # a table of nan from a judge that never answered is no result
     return [rec for _, _, rec in jsonl.read_jsonl(path)]
 
 
@@ -176,11 +178,11 @@ def main():
     )
     common.add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="answer length cap (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=common.non_negative, default=0.0, help="0 = greedy (default)")
     p.add_argument(
         "--batch-size", type=common.positive_int, default=8, help="prompts per batch and per device (default 8)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=common.seed_int, default=0, help="random seed (default 0)")
     p.add_argument("--limit", type=common.positive_int, default=None, help="only the first N prompts")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     common.add_compile_arg(p)
@@ -211,6 +213,14 @@ def main():
         ],
         writes=[out],
     )
+    for _, model_path in models:  # every prompt checked against each model's context before the first batch
+        generation.check_all_fit(
+            common.load_tokenizer(model_path),
+            [generation.user_turn(p["prompt"]) for p in prompts],
+            [p["id"] for p in prompts],
+            args.max_new_tokens,
+            model_path,
+        )
     responses, judge_model = generate_responses(out / "responses.jsonl", prompts, models, args)
     judgments = judge_all(out / "judgments.jsonl", responses, models, args, judge_model)
     names = [n for n, _ in models]

@@ -8,6 +8,7 @@ batch's shape; the README says how often that changes an answer).
 """
 
 import hashlib
+import re
 import sys
 
 import torch
@@ -16,6 +17,7 @@ import common
 
 WORD_JOINER = "\u2060"  # invisible; breaks a control token's spelling in user text (literal_text)
 _refuses_system = {}  # chat template -> whether it raises on a system message
+_markers = {}  # chat template -> the markers it writes as plain text
 
 
 def chat_text(tok, messages, add_generation_prompt=True):
@@ -29,14 +31,37 @@ def chat_text(tok, messages, add_generation_prompt=True):
 
 
 def literal_text(tok, text):
-    """User text as characters, never as control tokens: where it spells one of the tokenizer's
-    added tokens (<|im_end|>, <|start_header_id|>, ...), a word joiner goes after the first
-    character, so the tokenizer reads plain characters there and nobody's text can close a
-    turn or open another inside a prompt."""
-    for token in tok.added_tokens_decoder.values():
-        if len(token.content) > 1 and token.content in text:
-            text = text.replace(token.content, token.content[0] + WORD_JOINER + token.content[1:])
+    """User text as characters, never as the template's markers: where it spells one of the
+    tokenizer's added tokens (<|im_end|>, <|start_header_id|>, ...) or a marker the chat
+    template writes as plain text ([INST], [/INST], ...: template_markers), a word joiner goes
+    after the first character, so the tokenizer reads plain characters there and nobody's
+    text can close a turn or open another inside a prompt."""
+    markers = [t.content for t in tok.added_tokens_decoder.values() if len(t.content) > 1]
+    for marker in sorted({*markers, *template_markers(tok)}, key=len, reverse=True):
+        if marker in text:
+            text = text.replace(marker, marker[0] + WORD_JOINER + marker[1:])
     return text
+
+
+def template_markers(tok):
+    """The strings a chat template writes around the turns as plain text, found from the template
+    itself: a user, assistant, user conversation rendered with placeholder contents, and every
+    line of what the template wrote between them, its added tokens taken out, that holds a
+    bracket, angle bracket, bar or hash ([INST], [/INST], ### Response:, ...). Cached per template."""
+    key = str(tok.chat_template)
+    if key not in _markers:
+        turns = [
+            {"role": r, "content": c} for r, c in (("user", "\ue000"), ("assistant", "\ue001"), ("user", "\ue002"))
+        ]
+        try:
+            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that renders no such conversation: its added tokens only
+            text = ""
+        for token in tok.added_tokens_decoder.values():  # "<s>[INST]": the bos token apart from the marker
+            text = text.replace(token.content, "\ue000") if token.content else text
+        pieces = (p.strip() for p in re.split("[\ue000-\ue002\n]+", text))
+        _markers[key] = {p for p in pieces if len(p) > 1 and any(ch in "[]<>|#" for ch in p)}
+    return _markers[key]
 
 
 def refuses_system(tok):
@@ -144,14 +169,22 @@ def encode(model, tok, texts, max_new_tokens, keys, then=None):
     return {k: v.to(model.device) for k, v in enc.items()}
 
 
-def check_context(lengths, max_new_tokens, context, keys):
+def check_context(lengths, max_new_tokens, context, keys, hint=""):
     """Refuse prompts that, with the answer budget, do not fit the model's context window."""
     over = [k for k, n in zip(keys, lengths) if n + max_new_tokens > context]
     if over:
         raise common.InputError(
             f"{len(over)} prompt(s) do not fit the model's context of {context} tokens with "
-            f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}"
+            f"{max_new_tokens} new tokens: ids {', '.join(map(str, over[:10]))}{hint}"
         )
+
+
+def check_all_fit(tok, conversations, keys, max_new_tokens, model_name, hint=""):
+    """Every conversation rendered and counted before the first batch, so a prompt that does not
+    fit the model's context is refused before anything is written, not after the other work."""
+    context = getattr(common.model_config(model_name), "max_position_embeddings", None) or 1 << 30
+    lengths = [len(tok(chat_text(tok, c), add_special_tokens=False)["input_ids"]) for c in conversations]
+    check_context(lengths, max_new_tokens, context, keys, hint)
 
 
 def truncate_prompts(tok, records, systems, max_new_tokens, context):

@@ -3,12 +3,17 @@
 The key ($OPENAI_API_KEY) goes to the host of --judge-api-base and nowhere else: a redirect
 is refused (never followed, never sent the key), a proxy from the environment is used only
 for https (a tunnel: the proxy never sees the headers), and a URL that carries credentials
-itself is refused. What is shown or recorded of the URL is its scheme, host and path
-(shown_url). A reply that breaks off, is not HTTP, or is not in the chat-completions format
-is the endpoint failing, not the judge's opinion: it is retried, then the run stops. Only
-a well-formed reply is parsed, and the parsers take time linear in its length.
+itself is refused. The URL is parsed once (api_url): scheme, host, port, path and query; the
+query goes with every request, after the path; a fragment or a port out of range is refused.
+What is shown or recorded of it is its scheme, host, port and path, and a hash of its query
+(shown_url: a key may hide there, and another query is another deployment). A reply that
+breaks off, is not HTTP, or is not in the chat-completions format is the endpoint failing,
+not the judge's opinion: it is retried, then the run stops. A well-formed reply counts only
+when it is complete (finish_reason "stop") and has text: one cut at max_tokens, filtered
+(content null) or holding only tool calls is no answer (None).
 """
 
+import hashlib
 import http.client
 import json
 import os
@@ -30,24 +35,47 @@ class Redirected(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def split_url(url):
+    """urllib's parts of a URL, or an InputError naming it (a bracket left open, a bad port)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port out of range or not a number)
+    except ValueError as e:
+        raise common.InputError(f"--judge-api-base: not a URL that can be used ({e})") from None
+    return parts
+
+
 def check_api_base(api_base):
-    """An http(s) URL without credentials in it; returns it without a trailing slash."""
-    parts = urllib.parse.urlsplit(api_base)
+    """An http(s) URL without credentials, fragment or bad port; returns it as given."""
+    parts = split_url(api_base)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise common.InputError(f"--judge-api-base must be an http:// or https:// URL, got {shown_url(api_base)!r}")
     if parts.username is not None or parts.password is not None:
         raise common.InputError(
             f"--judge-api-base {shown_url(api_base)}: holds credentials; give the key in $OPENAI_API_KEY instead"
         )
-    return api_base.rstrip("/")
+    if parts.fragment or api_base.endswith("#"):
+        raise common.InputError(f"--judge-api-base {shown_url(api_base)}: has a fragment (#...), which is never sent")
+    if parts.port == 0:
+        raise common.InputError(f"--judge-api-base {shown_url(api_base)}: port 0")
+    return api_base
+
+
+def api_url(api_base, endpoint):
+    """The URL of `endpoint` (e.g. "chat/completions") under the API base: its path after the
+    base's path, the base's query kept after it (Azure's ?api-version=...)."""
+    p = split_url(check_api_base(api_base))
+    return urllib.parse.urlunsplit((p.scheme, p.netloc, p.path.rstrip("/") + "/" + endpoint, p.query, ""))
 
 
 def shown_url(url):
     """The URL as messages and settings show it: scheme, host, port and path; no user or
-    password, and '?...' for a query (a key may hide in either)."""
+    password, and for a query '?' and 8 hex digits of its hash (a key may hide in a query, and
+    two queries, two deployments, must differ in what is recorded)."""
     p = urllib.parse.urlsplit(url)
     host = p.netloc.rpartition("@")[2]  # what follows any user:password@
-    return f"{p.scheme}://{host}{p.path}" + ("?..." if p.query else "")
+    query = "?" + hashlib.sha256(p.query.encode()).hexdigest()[:8] if p.query else ""
+    return f"{p.scheme}://{host}{p.path}{query}"
 
 
 def opener(url):
@@ -86,24 +114,28 @@ def post(url, body, headers, deadline):
 
 
 def reply_content(data):
-    """The message content of a chat-completions reply (None counts as ''); ValueError if the
-    reply is not one."""
+    """The message content of a complete chat-completions reply: its text when finish_reason is
+    "stop" and there is text; None when the reply is well formed but holds no usable answer
+    (cut at max_tokens, content filtered to null, tool calls only); ValueError if the reply is
+    not a chat completion at all."""
     try:
-        content = json.loads(data)["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError, RecursionError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        choice = json.loads(data)["choices"][0]
+        content, finish = choice["message"].get("content"), choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError, RecursionError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"a reply not in the chat-completions format ({type(e).__name__})") from None
     if content is not None and not isinstance(content, str):
         raise ValueError(f"a reply whose content is of type {type(content).__name__}")
-    return content or ""
+    return content if finish == "stop" and content else None
 
 
-def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0):
-    """One reply's text from the endpoint. Retries, with exponential back-off, connection
-    errors, replies that break off, time-outs (`timeout`: seconds per request, in all), 429,
-    5xx and malformed replies; after the last try, or at once on a redirect or another 4xx,
-    an InputError names the endpoint and what went wrong."""
-    url = check_api_base(api_base) + "/chat/completions"
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 256}).encode()
+def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0, max_tokens=256):
+    """One reply's text from the endpoint, or None when it is complete in form but holds no
+    usable answer (reply_content). Retries, with exponential back-off, connection errors,
+    replies that break off, time-outs (`timeout`: seconds per request, in all), 429, 5xx and
+    malformed replies; after the last try, or at once on a redirect or another 4xx, an
+    InputError names the endpoint and what went wrong."""
+    url = api_url(api_base, "chat/completions")
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}).encode()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
     last = None
     for attempt in range(retries):

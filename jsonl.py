@@ -1,9 +1,13 @@
 """JSONL in and out: records read and validated (a JSONL file or a JSON array of objects, as
-datasets ship), errors that name the file and line, and atomic writes (a temporary file,
-then a rename: never a half-written output)."""
+datasets ship), errors that name the file and line, and the files a run writes: atomic
+writes (a temporary file of a fresh name, then a rename: never a half-written output) and
+nothing written through a link planted where a run writes (refuse_link, open_own)."""
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 from common import InputError
@@ -36,6 +40,8 @@ def parse_json(text, where):
         raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise InputError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # what json raises besides: an integer of more than 4,300 digits
+        raise InputError(f"{where}: JSON that cannot be read ({e})") from None
 
 
 def stream_jsonl(path):
@@ -86,6 +92,8 @@ def read_json_array(path, data):
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise InputError(f"{path}: JSON that cannot be read ({e})") from None
     return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
 
 
@@ -145,13 +153,83 @@ def read_records(path, required, limit=None, stage_hint=""):
     return recs[:limit] if limit else recs
 
 
+def refuse_link(path):
+    """Refuse to write at `path` when a link is there: a symbolic link, or a file with another
+    name (a hard link), so that nothing a run writes lands in a file it did not make."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise InputError(
+            f"{path}: is a symbolic link, where this run writes; it writes through no link: move the "
+            "link away or choose another --output"
+        )
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        raise InputError(
+            f"{path}: is a hard link (the file has {st.st_nlink} names), where this run writes; it "
+            "writes into no file that has other names: move it away or choose another --output"
+        )
+
+
+OPEN_FLAGS = {
+    "wb": os.O_WRONLY | os.O_CREAT,
+    "r+b": os.O_RDWR,
+    "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "rw": os.O_RDWR | os.O_CREAT,
+}
+
+
+def open_fd(path, mode):
+    """os.open of a file this run writes (mode a key of OPEN_FLAGS; "wb" truncates), never through
+    a link: refuse_link first, then O_NOFOLLOW and a check of the opened file's names, which
+    close the gap between the two. Returns the descriptor."""
+    refuse_link(path)
+    try:
+        fd = os.open(path, OPEN_FLAGS[mode] | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: a symbolic link appeared after the check
+            refuse_link(path)
+        raise
+    if os.fstat(fd).st_nlink > 1:
+        os.close(fd)
+        refuse_link(path)
+    if mode == "wb":
+        os.ftruncate(fd, 0)  # only once the file is known to be this run's alone
+    return fd
+
+
+def open_own(path, mode):
+    """open() for a file this run writes, through no link (open_fd)."""
+    return os.fdopen(open_fd(path, mode), "a+b" if mode == "rw" else mode)
+
+
+def fresh_dir(path):
+    """An empty folder at `path` for this run to fill (a checkpoint or a model being written),
+    never a link: what was there is removed if it is a folder, refused if it is a link."""
+    path = Path(path)
+    refuse_link(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def write_atomic(path, text):
-    """Write text to path via a temporary file and a rename: never a half-written file."""
+    """Write text to path through a temporary file of a fresh name beside it (created anew, so no
+    planted file or link is written through), then a rename: never a half-written file; a link
+    at path itself is replaced, its target untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_jsonl_atomic(path, records):

@@ -139,12 +139,15 @@ class Judge:
     """What every judge does with its `ask` (replies to conversations, parsed) and its mode."""
 
     mode = "generate"
+    asked = unreadable = 0  # ratings asked for so far, and those with no usable reply
+    max_unreadable = 0.5  # the share of unreadable ratings at which a run stops (--max-unreadable)
 
     def ask(self, conversations, parse):
         raise NotImplementedError
 
     def ratings(self, items, objective):
-        """(prompt, answer) pairs -> [{"score": 1..10 or None}, + "expected" in the logits modes]."""
+        """(prompt, answer) pairs -> [{"score": 1..10 or None}, + "expected" in the logits modes].
+        A run whose replies are mostly unreadable stops (check_readable)."""
         if not items:
             return []
         convs = [judge_conversation(objective, q, a) for q, a in items]
@@ -152,7 +155,21 @@ class Judge:
             return ratings_from_distribution(
                 rating_distribution(self.model, self.tok, convs, self.batch_size), self.mode
             )
-        return [{"score": s} for s in self.ask(convs, parse_rating)]
+        scores = self.ask(convs, parse_rating)
+        self.check_readable(len(scores), sum(s is None for s in scores))
+        return [{"score": s} for s in scores]
+
+    def check_readable(self, asked=0, unreadable=0, least=16):
+        """Count ratings; once `least` were asked, more than max_unreadable of them unreadable (a
+        reply cut at the token budget, empty, filtered, or without 'Rating: N') is a judge that
+        does not answer, not a judgement: the run stops with an error instead of writing nulls."""
+        self.asked, self.unreadable = self.asked + asked, self.unreadable + unreadable
+        if self.asked >= least and self.unreadable > self.max_unreadable * self.asked:
+            raise common.InputError(
+                f"{self.unreadable} of the {self.asked} ratings asked so far got no readable reply (cut off at "
+                "--judge-max-tokens, empty or filtered, or without 'Rating: N'): raise --judge-max-tokens, use "
+                "another judge, or with a local judge --mode logits"
+            )
 
     def rate_objectives(self, items, objectives):
         """Rate items on (primary, helpfulness): a dict per item with score_a, score_b (and
@@ -192,21 +209,26 @@ class LocalJudge(Judge):
 
 class HttpJudge(Judge):
     """An OpenAI-compatible chat-completions endpoint as the judge (the key in $OPENAI_API_KEY,
-    sent to its host only), `concurrency` requests in flight; an unreadable reply is asked
-    once more, then counts as None. Replies keep their order."""
+    sent to its host only), `concurrency` requests in flight, `max_tokens` a reply; a reply
+    with no usable answer (cut off, filtered, unparsable) is asked once more, then counts as
+    None. Replies keep their order."""
 
-    def __init__(self, *, api_base, model, concurrency=8, timeout=60.0, backoff=1.0):
+    def __init__(self, *, api_base, model, concurrency=8, timeout=60.0, backoff=1.0, max_tokens=256):
         self.api_base, self.model_name = http_judge.check_api_base(api_base), model
-        self.concurrency, self.timeout, self.backoff = concurrency, timeout, backoff
+        self.concurrency, self.timeout, self.backoff, self.max_tokens = concurrency, timeout, backoff, max_tokens
 
     def ask(self, conversations, parse):
         def one(conversation):
             for _ in range(2):
-                value = parse(
-                    http_judge.chat_completion(
-                        self.api_base, self.model_name, conversation, timeout=self.timeout, backoff=self.backoff
-                    )
+                reply = http_judge.chat_completion(
+                    self.api_base,
+                    self.model_name,
+                    conversation,
+                    timeout=self.timeout,
+                    backoff=self.backoff,
+                    max_tokens=self.max_tokens,
                 )
+                value = None if reply is None else parse(reply)  # None: cut off, filtered or empty
                 if value is not None:
                     return value
             return None
@@ -243,16 +265,24 @@ def add_judge_args(p, judge_help):
     )
     p.add_argument(
         "--judge-timeout",
-        type=float,
+        type=common.positive,
         default=60.0,
         help="seconds an HTTP judge request may take in all, before it is retried (default 60)",
     )
-    p.add_argument("--backoff", type=float, default=1.0, help="first HTTP retry delay in seconds (default 1)")
+    p.add_argument(
+        "--backoff", type=common.non_negative, default=1.0, help="first HTTP retry delay in seconds (default 1)"
+    )
     p.add_argument(
         "--judge-max-tokens",
         type=common.positive_int,
-        default=48,
-        help="tokens a local judge may write in generate mode (default 48)",
+        default=None,
+        help="tokens the judge may write in generate mode (default 48 for a local judge, 256 for an endpoint)",
+    )
+    p.add_argument(
+        "--max-unreadable",
+        type=common.fraction,
+        default=0.5,
+        help="stop when more than this share of the ratings asked (16 at least) had no readable reply (default 0.5)",
     )
     p.add_argument(
         "--judge-batch-size",
@@ -269,6 +299,11 @@ def add_primary_arg(p):
         default="harmlessness",
         help="the primary objective G_a (G_b is helpfulness; default harmlessness)",
     )
+
+
+def max_tokens(args):
+    """--judge-max-tokens, or its default: 48 for a local judge, 256 for an endpoint's reason and rating."""
+    return args.judge_max_tokens or (256 if args.judge_api_base else 48)
 
 
 def judge_settings(args, local_name):
@@ -288,7 +323,7 @@ def judge_settings(args, local_name):
             for k, v in common.model_settings(local_name, args.compile).items()
         }
     mode = resolve_mode(args.mode, bool(args.judge_api_base), local_name)
-    return dict(judge, mode=mode, judge_max_tokens=args.judge_max_tokens)
+    return dict(judge, mode=mode, judge_max_tokens=max_tokens(args))
 
 
 def from_args(args, local_name, loaded=None):
@@ -296,14 +331,18 @@ def from_args(args, local_name, loaded=None):
     model local_name, `loaded` as (model, tokenizer) when the stage already holds it."""
     mode = resolve_mode(args.mode, bool(args.judge_api_base), local_name)
     if args.judge_api_base:
-        return HttpJudge(
+        judge = HttpJudge(
             api_base=args.judge_api_base,
             model=args.judge_model,
             concurrency=args.judge_concurrency,
             timeout=args.judge_timeout,
             backoff=args.backoff,
+            max_tokens=max_tokens(args),
         )
-    model, tok = loaded or common.load_for_inference(local_name, args.compile)
-    return LocalJudge(
-        model, tok, mode=mode, max_tokens=args.judge_max_tokens, batch_size=args.judge_batch_size, compile=args.compile
-    )
+    else:
+        model, tok = loaded or common.load_for_inference(local_name, args.compile)
+        judge = LocalJudge(
+            model, tok, mode=mode, max_tokens=max_tokens(args), batch_size=args.judge_batch_size, compile=args.compile
+        )
+    judge.max_unreadable = args.max_unreadable
+    return judge

@@ -4,10 +4,10 @@ step, train and held-out, an SVG written directly)."""
 
 import json
 import math
-from xml.sax.saxutils import escape
 
 import distributed
 import jsonl
+import markup
 
 
 def new_stats():
@@ -81,7 +81,7 @@ def panel(title, lines, x0, y_top, width, height, max_step):
     x = lambda s: L + (s / max(max_step, 1)) * (R - L)
     y = lambda v: B - (v - lo) / (hi - lo) * (B - T)
     out = [
-        f'<text x="{L}" y="{y_top + 12}" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{L}" y="{y_top + 12}" font-weight="bold">{markup.xml(title)}</text>',
         f'<rect x="{L}" y="{T}" width="{R - L}" height="{B - T}" fill="white" stroke="#999"/>',
         f'<text x="{L - 4}" y="{T + 4}" text-anchor="end">{hi:.3g}</text>',
         f'<text x="{L - 4}" y="{B + 4}" text-anchor="end">{lo:.3g}</text>',
@@ -91,7 +91,8 @@ def panel(title, lines, x0, y_top, width, height, max_step):
         if not pts:
             continue
         c = COLOURS[name]
-        out.append(f'<g class="series" data-panel="{escape(title)}" data-name="{name}" stroke="{c}" fill="{c}">')
+        attributes = f'data-panel="{markup.xml(title)}" data-name="{markup.xml(name)}" stroke="{c}" fill="{c}"'
+        out.append(f'<g class="series" {attributes}>')
         out.append('<polyline fill="none" points="' + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>')
         out += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5"/>' for s, v in pts]
         out.append("</g>")
@@ -124,13 +125,16 @@ class Metrics:
         self.path = path
         self.rows = []  # what metrics.jsonl holds, drawn again after each row
         if distributed.is_main():
-            if start and path.exists():
-                self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start]
+            if start and path.exists():  # a torn last line (a kill while appending) is left out
+                text = path.read_text()
+                self.rows = [
+                    r for r in map(json.loads, text[: text.rfind("\n") + 1].splitlines()) if r["step"] <= start
+                ]
             jsonl.write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, row):
         if distributed.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with jsonl.open_own(self.path, "ab") as f:
+                f.write((json.dumps(row) + "\n").encode())
             self.rows.append(row)
             jsonl.write_atomic(self.path.with_suffix(".svg"), training_svg(self.rows))

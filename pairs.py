@@ -21,6 +21,7 @@ from pathlib import Path
 import common
 import jsonl
 import records
+import resumable
 
 
 def answers_of(rec):
@@ -90,6 +91,33 @@ def prompt_pairs(rec, delta, max_pairs=None, order="primary-first"):
     ]
 
 
+def pairs_file(args, out, summary_path):
+    """Read, check, pair and write: the run's one writer of OUT and its summary."""
+    kept = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
+    try:
+        records.check_scored(args.input, kept, nullable=False)
+    except common.InputError as e:
+        raise common.InputError(f"{e} (denoise.py drops prompts with a null score: run it first)") from None
+    per_prompt = [prompt_pairs(r, args.delta, args.max_pairs_per_prompt, args.order) for r in kept]
+    pairs = [x for ps in per_prompt for x in ps]
+    summary = {
+        "input": args.input,
+        "prompts": len(kept),
+        "pairs": len(pairs),
+        "prompts_without_pairs": sum(not ps for ps in per_prompt),
+        "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs),
+        "delta": args.delta,
+        "order": args.order,
+    }
+    print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
+    if not pairs:
+        out.unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
+        jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        raise common.InputError(f"{args.input}: no pair has a margin of at least --delta {args.delta}; lower --delta")
+    jsonl.write_jsonl_atomic(out, pairs)
+    jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="denoised.jsonl from denoise.py")
@@ -116,29 +144,8 @@ def main():
         reads=[args.input], writes=[out, summary_path, *(f.with_name(f.name + ".tmp") for f in (out, summary_path))]
     )
 
-    kept = jsonl.read_records(args.input, ["candidates", "refined"], args.limit, "run refine.py first")
-    try:
-        records.check_scored(args.input, kept, nullable=False)
-    except common.InputError as e:
-        raise common.InputError(f"{e} (denoise.py drops prompts with a null score: run it first)") from None
-    per_prompt = [prompt_pairs(r, args.delta, args.max_pairs_per_prompt, args.order) for r in kept]
-    pairs = [x for ps in per_prompt for x in ps]
-    summary = {
-        "input": args.input,
-        "prompts": len(kept),
-        "pairs": len(pairs),
-        "prompts_without_pairs": sum(not ps for ps in per_prompt),
-        "zero_gap_pairs": sum(x["gap"] == 0 for x in pairs),
-        "delta": args.delta,
-        "order": args.order,
-    }
-    print("pairs: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "input"), file=sys.stderr)
-    if not pairs:
-        out.unlink(missing_ok=True)  # no stale output beside a summary that says "pairs 0"
-        jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-        raise common.InputError(f"{args.input}: no pair has a margin of at least --delta {args.delta}; lower --delta")
-    jsonl.write_jsonl_atomic(out, pairs)
-    jsonl.write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    with resumable.one_writer(out):
+        pairs_file(args, out, summary_path)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ per sequence), so no padding token is computed. The padded layout (2B rows of th
 length, the default on a GPU) gives the same log-probs to float tolerance (tests/test_train.py).
 """
 
+import hashlib
 import math
 from functools import partial
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 import common
@@ -102,6 +104,22 @@ class Policy(nn.Module):
             )
 
 
+def check_lora_targets(model_name, targets):
+    """--lora-targets checked against the model's linear layers, from its config alone (the
+    model is built on the meta device: no weight is read), before any work."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(common.model_config(model_name))
+    known = sorted({n.split(".")[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise common.InputError(
+            f"--lora-targets {' '.join(unknown)}: no linear layer of {model_name} has that "
+            f"name; its linear layers: {' '.join(known)}"
+        )
+
+
 def build_policy(args, bf16):
     """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
     LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun: each
@@ -173,16 +191,29 @@ def reference_logps(policy, examples, batch_size, pad_id):
 
 def dpo_reference(out, policy, examples, eval_examples, args, pad_id):
     """Reference log-probs for dpo, of the training and the held-out pairs, computed once by the
-    starting model and kept (safetensors) for --resume; (None, None) with LoRA or another loss."""
+    starting model and kept (safetensors) for --resume with what they were computed from (the
+    model's files, every pair's tokens) in the file's metadata: a resume whose model or pairs
+    differ computes them again. (None, None) with LoRA or another loss."""
     if args.loss != "dpo" or args.lora_rank:
         return None, None
     path = out / "reference_logps.safetensors"
+    computed_from = hashlib.sha256(
+        repr(
+            [
+                common.model_fingerprint(args.model),
+                [(e["chosen"], e["rejected"]) for e in examples],
+                [(e["chosen"], e["rejected"]) for e in eval_examples or []],
+            ]
+        ).encode()
+    ).hexdigest()
     if args.resume and path.exists():
-        saved = load_file(path)
-        return saved["logps"], saved.get("eval_logps")
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("computed_from") == computed_from:
+                saved = {k: f.get_tensor(k) for k in f.keys()}
+                return saved["logps"], saved.get("eval_logps")
     refs = {"logps": reference_logps(policy, examples, args.batch_size, pad_id)}
     if eval_examples:
         refs["eval_logps"] = reference_logps(policy, eval_examples, args.batch_size, pad_id)
     if distributed.is_main():
-        save_file(refs, path)
+        save_file(refs, path, metadata={"computed_from": computed_from})
     return refs["logps"], refs.get("eval_logps")

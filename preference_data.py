@@ -111,25 +111,36 @@ def conversation_parts(where, rec):
 
 def load_pairs(path, tok, max_length, limit=None, need_gap=True):
     """Preference pairs (JSONL or a JSON array; strings or conversational messages) -> list of
-    examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and a count of the pairs
-    dropped per reason. need_gap: the loss weights pairs by their gap (spa)."""
+    examples {chosen: (ids, n_prompt), rejected: ..., gap, id}, and counts: the pairs dropped per
+    reason (a prompt over max_length, an answer left empty, chosen and rejected the same tokens
+    once cut) and "truncated", the pairs kept with an answer cut to max_length. need_gap: the
+    loss weights pairs by their gap (spa)."""
     if Path(path).is_file() and not Path(path).read_text(encoding="utf-8", errors="replace").strip():
         raise common.InputError(
             f"{path}: no pairs: denoising or the margin removed everything "
             "(loosen denoise.py --tau-quantile or pairs.py --delta)"
         )
     rows = jsonl.read_jsonl(path, required=("prompt", "chosen", "rejected"))
-    examples, dropped = [], {"prompt_too_long": 0, "empty_answer": 0}
+    examples = []
+    dropped = {"prompt_too_long": 0, "empty_answer": 0, "identical_after_truncation": 0, "truncated": 0}
     for n, where, rec in rows[:limit] if limit else rows:
         prompt, chosen, rejected = conversation_parts(where, rec)
         gap = pair_gap(where, rec, need_gap)
-        sides = [tokenize_answer(tok, prompt, answer, max_length) for answer in (chosen, rejected)]
-        bad = next((s for s in sides if isinstance(s, str)), None)
-        if bad is None and any(len(ids) <= n_p for ids, n_p in sides):
-            bad = "empty_answer"  # no answer token left after truncation: never divided by
-        if bad:
-            dropped[bad] += 1
+        whole = [tokenize_answer(tok, prompt, answer, 1 << 62) for answer in (chosen, rejected)]
+        sides = [(ids[:max_length], n_p) for ids, n_p in whole]
+        cut = any(len(ids) > max_length for ids, _ in whole)
+        if any(n_p >= max_length for _, n_p in whole):
+            reason = "prompt_too_long"
+        elif any(len(ids) <= n_p for ids, n_p in sides):
+            reason = "empty_answer"  # no answer token left after truncation: never divided by
+        elif cut and sides[0][0][sides[0][1] :] == sides[1][0][sides[1][1] :]:
+            reason = "identical_after_truncation"  # what is left cannot tell chosen from rejected
+        else:
+            reason = None
+        if reason:
+            dropped[reason] += 1
             continue
+        dropped["truncated"] += cut  # kept, an answer cut to --max-length: counted, said in the log
         examples.append({"chosen": sides[0], "rejected": sides[1], "gap": gap, "id": str(rec.get("id", n)), "line": n})
     if not examples:
         raise common.InputError(f"{path}: every pair was dropped ({dropped}); raise --max-length")

@@ -55,7 +55,7 @@ def main():
     p.add_argument(
         "--max-new-tokens", type=common.positive_int, default=160, help="refined answer cap in tokens (default 160)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=common.non_negative, default=0.0, help="0 = greedy (default)")
     args = p.parse_args()
 
     scored = jsonl.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
@@ -70,6 +70,13 @@ def main():
         **judging.judge_settings(args, judge_name),
     )
     reads = [args.input, common.model_folder(args.model), args.judge and common.model_folder(args.judge)]
+    generation.check_all_fit(
+        common.load_tokenizer(args.model),
+        [refine_conversation(r) for r in scored],
+        [r["id"] for r in scored],
+        args.max_new_tokens,
+        args.model,
+    )
     with Output(args.output, scored, settings, args.overwrite, reads) as out:
         batches = out.batches(args.batch_size)
         if batches:

@@ -12,12 +12,13 @@ functions; the gathering command writes the same three from several report.json 
 import argparse
 import json
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 
 import common
 import jsonl
+import markup
+import resumable
 
 LAMBDAS = (5, 10, 20)
 
@@ -107,7 +108,7 @@ def report_markdown(report, names):
         m, pw = report["models"][n], vs.get(n)
         wtl = f"{pw['win']:.0%} | {pw['tie']:.0%} | {pw['lose']:.0%}" if pw else "- | - | -"
         lines.append(
-            f"| {n} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
+            f"| {markup.md(n)} | {ci(m, 'primary')} | {ci(m, 'helpfulness')} | "
             + " | ".join(f"{m[f'hh{lam}']:.2f}" for lam in LAMBDAS)
             + f" | {wtl} |"
         )
@@ -121,12 +122,15 @@ def report_markdown(report, names):
             for n in names:
                 m, p = per["models"][n], per.get("pairwise")
                 wtl = f"{p['win']:.0%} | {p['tie']:.0%} | {p['lose']:.0%}" if p and n in vs else "- | - | -"
-                lines.append(f"| {c} | {n} | {m['primary']:.2f} | {m['helpfulness']:.2f} | {m['hh10']:.2f} | {wtl} |")
+                lines.append(
+                    f"| {markup.md(c)} | {markup.md(n)} | {m['primary']:.2f} | {m['helpfulness']:.2f} | "
+                    f"{m['hh10']:.2f} | {wtl} |"
+                )
     n_unread = sum(report["models"][n]["unreadable"] for n in names)
     lines += ["", f"Means with 95% bootstrap intervals; {n_unread} judge scores could not be read (left out)."]
     for n, pw in vs.items():
         lines.append(
-            f"Pairwise ({n}): {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at "
+            f"Pairwise ({markup.md(n)}): {pw['unreadable']} of {pw['n']} comparisons had an unreadable verdict in at "
             "least one order (counted as ties)."
         )
     return "\n".join(lines) + "\n"
@@ -154,7 +158,7 @@ def svg(report, names, width=720, height=540):
     if left_out:
         out.append(
             f'<text x="60" y="{height - 30}" fill="#b00">left out, no readable scores: '
-            f"{escape(', '.join(left_out))}</text>"
+            f"{markup.xml(', '.join(left_out))}</text>"
         )
     if not drawn:
         return "\n".join(out + ["</svg>"]) + "\n"
@@ -176,8 +180,8 @@ def svg(report, names, width=720, height=540):
             f'<rect class="favoured-both" x="{x(base["helpfulness"]):.1f}" y="{T}" '
             f'width="{R - x(base["helpfulness"]):.1f}" height="{y(base["primary"]) - T:.1f}" fill="#2a9d8f" '
             'fill-opacity="0.15"/>',
-            f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {escape(report["primary"])} at or above '
-            f"{escape(names[0])}'s, as the priority asks;</text>",
+            f'<text x="{L}" y="16" fill="#2a9d8f">shaded: {markup.xml(report["primary"])} at or above '
+            f"{markup.xml(names[0])}'s, as the priority asks;</text>",
             f'<text x="{L}" y="32" fill="#2a9d8f">darker: helpfulness at or above too</text>',
         ]
     for t in np.arange(x0, x1 + 1e-9, 0.5):
@@ -187,18 +191,18 @@ def svg(report, names, width=720, height=540):
     out += [
         f'<text x="{(L + R) / 2}" y="{height - 12}" text-anchor="middle">helpfulness (mean, 95% CI)</text>',
         f'<text transform="translate(14,{(T + B) / 2}) rotate(-90)" text-anchor="middle">'
-        f"{escape(report['primary'])} (mean, 95% CI)</text>",
+        f"{markup.xml(report['primary'])} (mean, 95% CI)</text>",
     ]
     colours = ["#555", "#e76f51", "#264653", "#e9c46a", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5"]
     for n, m in zip(drawn, ms):
         c, px, py = colours[names.index(n) % len(colours)], x(m["helpfulness"]), y(m["primary"])
         out += [
-            f'<g class="model" data-name="{escape(n)}" stroke="{c}" fill="{c}">',
+            f'<g class="model" data-name="{markup.xml(n)}" stroke="{c}" fill="{c}">',
             f'<line x1="{x(m["helpfulness_ci"][0]):.1f}" y1="{py:.1f}" x2="{x(m["helpfulness_ci"][1]):.1f}" '
             f'y2="{py:.1f}"/>',
             f'<line x1="{px:.1f}" y1="{y(m["primary_ci"][0]):.1f}" x2="{px:.1f}" y2="{y(m["primary_ci"][1]):.1f}"/>',
             f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4"/>',
-            f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" stroke="none">{escape(n)}</text></g>',
+            f'<text x="{px + 6:.1f}" y="{py - 6:.1f}" stroke="none">{markup.xml(n)}</text></g>',
         ]
     return "\n".join(out + ["</svg>"]) + "\n"
 
@@ -254,7 +258,7 @@ def read_report(path):
         raise common.InputError(f"{path}: no such file (run evaluate.py --output {path.parent} first)")
     try:
         r = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:  # ValueError: malformed JSON, a huge integer
         raise common.InputError(f"{path}: not a JSON report ({type(e).__name__})") from None
     ok = (
         isinstance(r, dict)
@@ -277,7 +281,8 @@ def main():
     args = p.parse_args()
     common.refuse_overlap(reads=args.dirs, writes=[args.output])
     merged = gather([read_report(Path(d) / "report.json") for d in args.dirs], args.dirs)
-    print(write(args.output, merged, list(merged["models"])))
+    with resumable.one_writer(Path(args.output)):
+        print(write(args.output, merged, list(merged["models"])))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ or a changed input record is refused, naming what differs, instead of mixing two
 file. `OUT.lock` keeps a second run out. No file the run reads may be one of these.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -38,7 +39,7 @@ def complete_records(path):
         if line.strip():
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # malformed, a huge integer, nested too deep
                 raise common.InputError(
                     f"{path}:{n}: existing output is corrupt (malformed JSON); fix it or rerun with --overwrite"
                 ) from None
@@ -52,7 +53,7 @@ def lock(lock_path, what):
     held, error = None, None
     if distributed.is_main():
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = jsonl.open_fd(lock_path, "rw")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
@@ -67,6 +68,19 @@ def lock(lock_path, what):
         release(held)
         raise common.InputError(error)
     return held
+
+
+@contextlib.contextmanager
+def one_writer(output):
+    """with one_writer(OUT): ... : the same one-writer lock as the generation stages (OUT.lock),
+    for a stage that writes OUT in one go (denoise, pairs, report, soup), so no two runs write
+    one output at once, whichever stages they are."""
+    output = Path(output)
+    held = lock(output.with_name(output.name + ".lock"), output)
+    try:
+        yield
+    finally:
+        release(held)
 
 
 def release(held):
@@ -123,7 +137,7 @@ class Output:
             part = self.part(distributed.RANK)
             keep = complete_records(part)[1] if part.exists() else 0
             distributed.barrier()  # every rank has read every part before anyone appends
-            self.f = open(part, "r+b" if part.exists() else "wb")
+            self.f = jsonl.open_own(part, "r+b" if part.exists() else "wb")
             self.f.truncate(keep)
             self.f.seek(keep)
         except BaseException:
@@ -133,7 +147,7 @@ class Output:
     @property
     def part_name(self):
         """The names of the part files: OUT.part0, OUT.part1, ... and nothing else."""
-        return re.compile(re.escape(self.path.name) + r"\.part\d+")
+        return re.compile(re.escape(self.path.name) + r"\.part(0|[1-9][0-9]*)")  # part0, part1, ...: not part00
 
     def part(self, rank):
         return self.path.with_name(f"{self.path.name}.part{rank}")
@@ -146,15 +160,20 @@ class Output:
         """Rank 0: with --overwrite remove the old output; otherwise refuse a resume with other
         settings or changed input records. Then record this run's settings and fingerprints."""
         settings = json.loads(json.dumps(settings))  # compared as they read back (tuples are lists)
+        if self._parts() and not self.meta.exists():  # not provably a run's: never removed, not even by --overwrite
+            return (
+                f"{self._parts()[0]}: named like a part file of --output {self.path}, with no {self.meta.name} "
+                "saying a run of this output wrote it; move it away or choose another --output"
+            )
         if overwrite:
             for p in [self.path, *self._parts()]:
                 p.unlink(missing_ok=True)
         fps = {r["id"]: fingerprint(r) for r in self.inputs}
         old = json.loads(self.meta.read_text()) if self.meta.exists() and not overwrite else None
-        if old is None and not overwrite and (self.path.exists() or self._parts()):
+        if old is None and not overwrite and self.path.exists():
             return (
                 f"{self.path}: exists but has no {self.meta.name} saying how it was made; "
-                "rerun with --overwrite or use another --output"
+                "rerun with --overwrite (which replaces it) or use another --output"
             )
         if old is not None:
             differ = sorted(

@@ -65,15 +65,25 @@ def main():
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     common.add_prompt_args(p)
-    p.add_argument("--num-candidates", type=int, default=4, help="candidates per prompt, n (default 4)")
+    p.add_argument(
+        "--num-candidates",
+        type=common.number(int, low=2, name="count"),
+        default=4,
+        help="candidates per prompt, n >= 2: denoising needs a covariance (default 4)",
+    )
     p.add_argument(
         "--temperatures",
-        type=float,
+        type=common.non_negative,
         nargs="+",
         default=[0.8, 1.1],
         help="sampling temperatures to spread candidates over (default 0.8 1.1)",
     )
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0: off)")
+    p.add_argument(
+        "--top-p",
+        type=common.number(float, above=0, high=1, name="top_p"),
+        default=1.0,
+        help="nucleus sampling threshold (default 1.0: off)",
+    )
     p.add_argument(
         "--systems", nargs="+", default=None, help="system-prompt variants from prompts/systems.json (default: all)"
     )
@@ -93,8 +103,6 @@ def main():
     unknown = [s for s in systems if s not in system_texts]
     if unknown:
         raise common.InputError(f"unknown system variant {unknown[0]!r}; known: {', '.join(system_texts)}")
-    if args.num_candidates < 2:
-        raise common.InputError("--num-candidates must be at least 2 (denoising needs a covariance)")
     variants = candidate_variants(args.num_candidates, systems, args.temperatures)
     settings = dict(
         **common.model_settings(args.model, args.compile),
@@ -108,13 +116,22 @@ def main():
     )
 
     records = jsonl.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
-    cut = 0
+    cut, tok = 0, common.load_tokenizer(args.model)
     if args.truncate_prompts:
-        tok = common.load_tokenizer(args.model)
         context = common.model_config(args.model).max_position_embeddings
         records, cut = generation.truncate_prompts(
             tok, records, [system_texts[s] for s in systems], args.max_new_tokens, context
         )
+    overhead = lambda s: len(tok(generation.chat_text(tok, generation.user_turn("", s)))["input_ids"])
+    longest = max((system_texts[s] for s in systems), key=overhead)  # every prompt checked before the first batch
+    generation.check_all_fit(
+        tok,
+        [generation.user_turn(r["prompt"], longest) for r in records],
+        [r["id"] for r in records],
+        args.max_new_tokens,
+        args.model,
+        "; rerun with --truncate-prompts to cut them (counted and marked)",
+    )
     with Output(
         args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]
     ) as out:

@@ -198,24 +198,29 @@ def parse_args(argv=None):
         help="held-out pairs, evaluated before the first step, every --eval-every "
         "steps and at the end (eval_loss, eval_rewards/accuracies, ... in metrics.jsonl)",
     )
-    add("--eval-every", type=int, default=0, help="steps between evaluations (default 0: before and after only)")
+    add(
+        "--eval-every",
+        type=common.non_negative_int,
+        default=0,
+        help="steps between evaluations (default 0: before and after only)",
+    )
     add("--output", required=True, help="output model directory")
     add("--model", default=common.DEFAULT_MODEL, help="starting model (default: the embedded one)")
     add("--loss", choices=["spa", "simpo", "dpo", "sft"], default="spa", help="default spa (Eq. 3)")
-    add("--beta", type=float, default=None, help="reward scale (default 2.5; 0.1 for dpo)")
-    add("--gamma", type=float, default=1.375, help="target reward margin (default 1.375)")
-    add("--alpha", type=float, default=1.0, help="exponent of the uncertainty weights (default 1)")
-    add("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6)")
-    add("--warmup-ratio", type=float, default=0.1, help="share of steps warming up (default 0.1)")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
+    add("--beta", type=common.positive, default=None, help="reward scale (default 2.5; 0.1 for dpo)")
+    add("--gamma", type=common.non_negative, default=1.375, help="target reward margin (default 1.375)")
+    add("--alpha", type=common.non_negative, default=1.0, help="exponent of the uncertainty weights (default 1)")
+    add("--lr", type=common.positive, default=1e-6, help="peak learning rate (default 1e-6)")
+    add("--warmup-ratio", type=common.fraction, default=0.1, help="share of steps warming up (default 0.1)")
+    add("--weight-decay", type=common.non_negative, default=0.0, help="AdamW weight decay (default 0)")
+    add("--max-grad-norm", type=common.positive, default=1.0, help="gradient clipping (default 1.0)")
     add("--epochs", type=count, default=1, help="passes over the pairs (default 1)")
     add("--batch-size", type=count, default=4, help="pairs per micro-batch per device (default 4)")
     add("--grad-accum", type=count, default=2, help="micro-batches per optimizer step (default 2)")
     add("--max-length", type=count, default=512, help="tokens per prompt + answer (default 512)")
     add(
         "--head-chunk",
-        type=int,
+        type=common.non_negative_int,
         default=policy_model.HEAD_CHUNK,
         help="answer positions per pass of the "
         f"vocabulary head, recomputed in backward (default {policy_model.HEAD_CHUNK}; 0 = all at once: more memory)",
@@ -242,18 +247,20 @@ def parse_args(argv=None):
         default="float32",
         help="saved weights' dtype (default float32)",
     )
-    add("--lora-rank", type=int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
-    add("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
+    add("--lora-rank", type=common.non_negative_int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
+    add("--lora-alpha", type=common.positive, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
     add(
         "--lora-targets",
         nargs="+",
         default=list(lora.DEFAULT_TARGETS),
         help=f"linear layers given adapters (default: {' '.join(lora.DEFAULT_TARGETS)})",
     )
-    add("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (default 50)")
+    add(
+        "--save-every", type=common.non_negative_int, default=50, help="checkpoint every N optimizer steps (default 50)"
+    )
     add("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     add("--overwrite", action="store_true", help="start again in an output that holds a checkpoint")
-    add("--seed", type=int, default=0, help="random seed (default 0)")
+    add("--seed", type=common.seed_int, default=0, help="random seed (default 0)")
     add("--limit", type=count, default=None, help="only the first N pairs")
     args = p.parse_args(argv)
     if args.beta is None:
@@ -261,8 +268,6 @@ def parse_args(argv=None):
     if args.pack is None:  # packing pays on the CPU, where cpu_speed.py decides it; a GPU pads
         speed = common.cpu_speed_module()
         args.pack = bool(speed and speed.PACK_BY_DEFAULT)
-    if args.lora_rank < 0:
-        p.error("--lora-rank must be >= 0")
     return args
 
 
@@ -284,6 +289,8 @@ def main(argv=None):
     out = Path(args.output)
     common.seed_everything(args.seed)
     common.refuse_overlap(reads=[args.input, args.eval_input, common.model_folder(args.model)], writes=[out])
+    if args.lora_rank:
+        policy_model.check_lora_targets(args.model, args.lora_targets)
     tok = common.load_tokenizer(args.model)
     examples, held_out, dropped = load_data(args, tok)
     checkpoints.check_output(out, args)
@@ -318,7 +325,9 @@ def fit(args, out, tok, examples, held_out, dropped):
     n_train = sum(p.numel() for _, p in named)
     common.log(
         f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
-        f"{dropped['empty_answer']} with an empty answer, {zero_gap} with gap 0), {len(held_out)} held-out "
+        f"{dropped['empty_answer']} with an empty answer, {dropped['identical_after_truncation']} with chosen and "
+        f"rejected the same once cut; {dropped['truncated']} kept with an answer cut to --max-length; "
+        f"{zero_gap} with gap 0), {len(held_out)} held-out "
         f"pairs, {len(plan)} steps of {args.batch_size} per device x {args.grad_accum} accumulation x "
         f"{distributed.WORLD} process(es) = {args.batch_size * args.grad_accum * distributed.WORLD} pairs; "
         f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "

@@ -124,7 +124,7 @@ def stage_runs(work, model, prompts, pairs):
     py, m = [sys.executable], ["--model", str(model)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", "29533"]
     gen = ["--max-new-tokens", "16", "--batch-size", "4"]
-    judge = ["--judge-max-tokens", "8", "--judge-batch-size", "8"]
+    judge = ["--judge-max-tokens", "8", "--judge-batch-size", "8", "--max-unreadable", "1"]  # random weights
     train = ["--input", str(pairs), *m, "--batch-size", "2", "--grad-accum", "1", "--save-every", "0", "--lr", "1e-4"]
     w = lambda name: str(work / name)
     return [

@@ -96,7 +96,14 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         data = json.dumps(
-            {"choices": [{"message": {"role": "assistant", "content": reply(body["messages"][-1]["content"])}}]}
+            {
+                "choices": [
+                    {
+                        "message": {"role": "assistant", "content": reply(body["messages"][-1]["content"])},
+                        "finish_reason": "stop",
+                    }
+                ]
+            }
         ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -108,9 +115,16 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+def port(text):
+    """argparse type: a TCP port, 1..65535."""
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"must be a port number 1..65535, got {text!r}")
+    return int(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    p.add_argument("--port", type=port, default=8765, help="port on 127.0.0.1 (default 8765)")
     args = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"oracle judge on http://127.0.0.1:{args.port}/v1", flush=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import resumable  # noqa: E402
 
 
 def soup(first, second, weight):
@@ -30,19 +31,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--first", required=True, help="model trained on the first reward (the primary objective)")
     p.add_argument("--second", required=True, help="model trained on the second reward (helpfulness)")
-    p.add_argument("--weight", type=float, required=True, help="lam, the first model's share (0..1)")
+    p.add_argument("--weight", type=common.fraction, required=True, help="lam, the first model's share (0..1)")
     p.add_argument("--output", required=True, help="output model directory")
     args = p.parse_args()
-    if not 0 <= args.weight <= 1:
-        raise common.InputError(f"--weight must be in 0..1, got {args.weight}")
     common.refuse_overlap(
         reads=[common.model_folder(args.first), common.model_folder(args.second)], writes=[args.output]
     )
-    a, tok = common.load_model(args.first)
-    b = common.load_weights(args.second)
-    a.load_state_dict(soup(a.state_dict(), b.state_dict(), args.weight))
-    a.save_pretrained(args.output)
-    tok.save_pretrained(args.output)
+    if Path(args.output).exists() and any(Path(args.output).iterdir()):  # as train.py: never over a model
+        raise common.InputError(f"{args.output}: exists and is not empty; choose another --output")
+    with resumable.one_writer(Path(args.output)):
+        a, tok = common.load_model(args.first)
+        b = common.load_weights(args.second)
+        a.load_state_dict(soup(a.state_dict(), b.state_dict(), args.weight))
+        a.save_pretrained(args.output)
+        tok.save_pretrained(args.output)
     print(f"soup: {args.weight:g} x {args.first} + {1 - args.weight:g} x {args.second} -> {args.output}")
 
 

@@ -134,9 +134,10 @@ def torchrun(script, *args, nproc=2, check=True):
     return p
 
 
-def send_chat_reply(handler, content):
+def send_chat_reply(handler, content, finish_reason="stop", **message):
     """Answer a request as an OpenAI-compatible chat-completions endpoint does."""
-    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    choice = {"message": {"role": "assistant", "content": content, **message}, "finish_reason": finish_reason}
+    data = json.dumps({"choices": [choice]}).encode()
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))

@@ -2,6 +2,9 @@
 loses nothing, a checkpoint of another plan, model or setting is refused."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 import pytest
 import torch
 import common
@@ -74,7 +77,7 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path, tiny_model_di
         "--model",
         tiny_model_dir,
         "--beta",
-        "inf",
+        "1e308",
         "--loss",
         "simpo",
         check=False,
@@ -179,3 +182,80 @@ def test_resume_refuses_a_changed_plan_and_survives_a_kill_between_renames(tmp_p
     run("train.py", *args, "--output", tmp_path / "m", "--resume")
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("name", ["final.tmp", "checkpoint.tmp", "metrics.jsonl", "train.lock"])
+def test_train_writes_through_no_link_in_its_output(tmp_path, tiny_model_dir, name):
+    """A link to another model folder (or a file) at a name train.py writes: refused, the target intact."""
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    before = sorted(f.name for f in other.iterdir())
+    out = tmp_path / "t"
+    out.mkdir()
+    os.symlink(other if name.endswith(".tmp") else other / "config.json", out / name)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a b", "rejected": "c", "gap": 1}])
+    p = run("train.py", "--input", pairs, "--model", tiny_model_dir, "--output", out, "--save-every", 1, check=False)
+    refused(p, f"{out / name}: is a symbolic link")
+    assert sorted(f.name for f in other.iterdir()) == before
+    assert (other / "config.json").read_bytes() == (Path(tiny_model_dir) / "config.json").read_bytes()
+
+
+def test_a_torn_last_metrics_line_does_not_block_a_resume(tmp_path, tiny_model_dir):
+    pairs = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "a b", "rejected": "c", "gap": 1} for i in range(4)]
+    )
+    args = [
+        "--input",
+        pairs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "t",
+        "--batch-size",
+        1,
+        "--grad-accum",
+        1,
+    ]
+    run("tests/stop_after.py", 2, "train.py", *args)
+    with open(tmp_path / "t" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss"')  # killed while appending
+    run("train.py", *args, "--resume")
+    assert [r["step"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_dpo_reference_logps_are_recomputed_when_what_they_came_from_changed(tmp_path, tiny_model_dir):
+    """--eval-input may change on --resume: the cached reference log-probs of the old held-out
+    pairs must not score the new ones (same count: silently wrong metrics; another count: an
+    IndexError before)."""
+    pairs = [
+        {"id": str(i), "prompt": f"Q{i}?", "chosen": "Careful. " * (i + 1), "rejected": "No.", "gap": 1}
+        for i in range(4)
+    ]
+    train_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    first = write_jsonl(tmp_path / "a.jsonl", [dict(p, chosen="Yes " * (3 + i)) for i, p in enumerate(pairs)])
+    for name, n in (("b", 4), ("c", 3)):
+        other = write_jsonl(
+            tmp_path / f"{name}.jsonl", [dict(p, rejected="Never! " * (2 + i)) for i, p in enumerate(pairs[:n])]
+        )
+        args = [
+            "--input",
+            train_file,
+            "--model",
+            tiny_model_dir,
+            "--loss",
+            "dpo",
+            "--lr",
+            1e-3,
+            "--batch-size",
+            1,
+            "--grad-accum",
+            1,
+            "--save-every",
+            0,
+        ]
+        run("train.py", *args, "--eval-input", other, "--output", tmp_path / f"straight_{name}")
+        run("tests/stop_after.py", 2, "train.py", *args, "--eval-input", first, "--output", tmp_path / f"r_{name}")
+        run("train.py", *args, "--eval-input", other, "--output", tmp_path / f"r_{name}", "--resume")
+        want, got = (read_jsonl(tmp_path / d / "metrics.jsonl")[-1] for d in (f"straight_{name}", f"r_{name}"))
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
+        assert got["eval_rewards/margins"] == pytest.approx(want["eval_rewards/margins"], rel=1e-3, abs=1e-5)

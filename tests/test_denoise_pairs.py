@@ -199,8 +199,8 @@ def test_denoise_flags_and_a_failed_rerun_keep_what_was_written(tmp_path):
         tmp_path / "r.jsonl", [denoise_record(str(i), ((3, 4), (5, 2), (4, 4 + i % 3))) for i in range(6)]
     )
     for flags, message in (
-        (["--tau-quantile", 1.5], "must be in 0..1"),
-        (["--tau-quantile", "nan"], "must be in 0..1"),
+        (["--tau-quantile", 1.5], "must be a finite number >= 0 and <= 1"),
+        (["--tau-quantile", "nan"], "must be a finite number >= 0 and <= 1"),
         (["--tau", "-1"], "must be a finite number >= 0"),
     ):
         refused(run_here("denoise.py", "--input", inp, "--output", tmp_path / "d.jsonl", *flags), message)

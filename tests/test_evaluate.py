@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import shutil
 import sys
 
@@ -320,7 +321,7 @@ def test_reports_soups_pairs_and_conversations_name_the_bad_line(tmp_path, tiny_
     for k in (-1, 0):
         refused(
             run_here("pairs.py", "--input", recs, "--output", tmp_path / "p.jsonl", "--max-pairs-per-prompt", k),
-            "must be at least 1",
+            "must be an integer >= 1",
         )
     for prompt, message in (
         ([{"role": "narrator", "content": "x"}, {"role": "user", "content": "q"}], "unknown role"),
@@ -357,3 +358,41 @@ def test_evaluate_keys_answers_by_the_model(tmp_path, tiny_model_dir):
     run("evaluate.py", *args, "--model", tiny_model_dir)
     p = run("evaluate.py", *args, "--model", other, check=False)
     refused(p, "responses.jsonl: was made with the models (--model, --baseline, their names and files)")
+
+
+HOSTILE = 'tiny" onmouseover="alert(1)" x="<script>|`'
+
+
+def test_names_in_the_svg_and_markdown_stay_text(tmp_path):
+    """A model name (from --name, a folder's name or a colleague's eval folder) and a category
+    carrying quotes, markup and a column break: the SVG parses with the name as one attribute
+    value and one text node, and the Markdown table keeps its columns."""
+    import xml.etree.ElementTree as ET
+
+    rep = crafted_report(HOSTILE, [7, 7, 8], [5, 6, 6], ["win", "tie", "win"])
+    rep["categories"] = {HOSTILE: {"models": rep["models"], "pairwise": None}}
+    table = report.write(tmp_path, rep, ["Vanilla", HOSTILE])
+    svg = ET.parse(tmp_path / "result.svg").getroot()
+    groups = [g for g in svg.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "model"]
+    assert [g.get("data-name") for g in groups] == ["Vanilla", HOSTILE]
+    assert all(set(g.attrib) == {"class", "data-name", "stroke", "fill"} for g in groups)
+    assert "<script>" not in (tmp_path / "result.svg").read_text()
+    for line in table.splitlines():
+        if line.startswith("|"):  # every row has as many cells as its header
+            assert len(re.split(r"(?<!\\)\|", line)) in (11, 10), line
+    assert "<script>" not in table  # no raw HTML: the quotes are then plain text
+
+
+def test_metrics_svg_escapes_what_it_is_given(tmp_path):
+    """Beyond the report: metrics_log's picture with a hostile series name parses and keeps it as text."""
+    import xml.etree.ElementTree as ET
+
+    import metrics_log
+
+    metrics_log.COLOURS[HOSTILE] = "#000"
+    try:
+        text = metrics_log.panel("loss", {HOSTILE: [(1, 0.5), (2, 0.25)]}, 0, 0, 300, 200, 2)
+    finally:
+        del metrics_log.COLOURS[HOSTILE]
+    root = ET.fromstring('<svg xmlns="http://www.w3.org/2000/svg">' + "".join(text) + "</svg>")
+    assert [g.get("data-name") for g in root.iter("{http://www.w3.org/2000/svg}g")] == [HOSTILE]

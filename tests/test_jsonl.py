@@ -101,3 +101,46 @@ def test_write_atomic_leaves_no_temp(tmp_path):
     jsonl.write_jsonl_atomic(tmp_path / "a.jsonl", [{"a": 1}])
     assert read_jsonl(tmp_path / "a.jsonl") == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+
+
+BAD_INPUTS = {
+    "huge_integer": '{"id": "a", "prompt": "q", "n": ' + "9" * 5000 + "}\n",
+    "nested": '{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+    "not_utf8": b'{"id": "a", "prompt": "\xff\xfe"}\n',
+    "empty": "",
+    "not_objects": "[1, 2, 3]",
+    "torn": '{"id": "a", "prompt": "q"',
+    "wrong_types": '{"id": "a", "prompt": "q", "candidates": 7, "refined": "x", "chosen": 1, "rejected": 2}\n',
+}
+STAGES = {
+    "sample.py": ["--num-candidates", 2, "--max-new-tokens", 2],
+    "score.py": ["--mode", "logits"],
+    "refine.py": ["--mode", "logits", "--max-new-tokens", 2],
+    "denoise.py": [],
+    "pairs.py": [],
+    "train.py": [],
+    "evaluate.py": ["--max-new-tokens", 2],
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_ends_malformed_input_in_an_error_line_and_writes_nothing(tmp_path, tiny_model_dir, stage):
+    for name, content in BAD_INPUTS.items():
+        if name == "wrong_types" and stage in ("sample.py", "evaluate.py"):
+            continue  # a prompt record with other fields beside it is a good one for these
+        inp = tmp_path / f"{name}.jsonl"
+        inp.write_bytes(content if isinstance(content, bytes) else content.encode())
+        out = tmp_path / "out" / f"{name}.out"
+        model = [] if stage in ("denoise.py", "pairs.py") else ["--model", tiny_model_dir]
+        judge = ["--judge", tiny_model_dir] if stage == "evaluate.py" else []
+        p = run_here(stage, "--input", inp, "--output", out, *model, *judge, *STAGES[stage])
+        assert p.returncode == 2 and p.stderr.startswith("error: "), (name, p.stderr[-600:])
+        assert "Traceback" not in p.stderr and str(inp.name) in p.stderr + name, (name, p.stderr[-600:])
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), name
+
+
+def test_an_output_through_a_link_loop_is_an_error_line(tmp_path, tiny_model_dir):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    p = run_here("sample.py", "--input", prompts, "--output", tmp_path / "loop", "--model", tiny_model_dir)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr[-500:]

@@ -94,12 +94,12 @@ def test_evaluate_names_the_judge_flags_for_a_model_other_than_the_embedded_one(
 @pytest.mark.parametrize(
     "script,flags,message",
     [
-        ("sample.py", ["--batch-size", "-1"], "--batch-size: must be at least 1"),
-        ("sample.py", ["--limit", "0"], "--limit: must be at least 1"),
-        ("sample.py", ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1"),
-        ("denoise.py", ["--limit", "-1"], "--limit: must be at least 1"),
-        ("train.py", ["--grad-accum", "0"], "--grad-accum: must be at least 1"),
-        ("train.py", ["--batch-size", "0"], "--batch-size: must be at least 1"),
+        ("sample.py", ["--batch-size", "-1"], "--batch-size: must be an integer >= 1"),
+        ("sample.py", ["--limit", "0"], "--limit: must be an integer >= 1"),
+        ("sample.py", ["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
+        ("denoise.py", ["--limit", "-1"], "--limit: must be an integer >= 1"),
+        ("train.py", ["--grad-accum", "0"], "--grad-accum: must be an integer >= 1"),
+        ("train.py", ["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
     ],
 )
 def test_flag_values_out_of_range_are_refused(tmp_path, script, flags, message):
@@ -187,3 +187,72 @@ def test_shipped_code_reads_only_the_documented_environment():
     assert all(v in readme for v in ENVIRONMENT if v.startswith("SPA_"))
     hook = 'import os\nif os.environ.get("SPA_TEST_CRASH_AFTER"):\n    pass\nx = "SPA_X" in os.environ\n'
     assert environment_reads(hook) == {"SPA_TEST_CRASH_AFTER", "SPA_X"}  # the walk sees a hook where there is one
+
+
+def bare_number_flags(source):
+    """The flags of a source whose argparse type is a bare int or float (no range checked)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            for kw in node.keywords:
+                if kw.arg == "type" and isinstance(kw.value, ast.Name) and kw.value.id in ("int", "float"):
+                    found.append(node.args[0].value)
+    return found
+
+
+def test_every_number_flag_has_its_range_checked_while_parsing():
+    scripts = [*ROOT.glob("*.py"), *ROOT.glob("oracle/*.py"), *ROOT.glob("dev/*.py")]
+    bare = {f.name: flags for f in scripts if (flags := bare_number_flags(f.read_text()))}
+    assert not bare, f"number flags without a range: {bare}"
+    assert bare_number_flags('p.add_argument("--lr", type=float)') == ["--lr"]  # the walk sees one
+
+
+@pytest.mark.parametrize(
+    "script,flags,message",
+    [
+        ("train.py", ["--lr", "1e-2", "--beta=-2.5"], "--beta: must be a finite number > 0, got -2.5"),
+        ("train.py", ["--max-grad-norm", "0"], "--max-grad-norm: must be a finite number > 0"),
+        ("train.py", ["--lora-alpha", "0"], "--lora-alpha: must be a finite number > 0"),
+        ("train.py", ["--lr=-1e-2"], "--lr: must be a finite number > 0"),
+        ("train.py", ["--warmup-ratio", "nan"], "--warmup-ratio: must be a finite number >= 0 and <= 1"),
+        ("train.py", ["--head-chunk", "-1"], "--head-chunk: must be an integer >= 0"),
+        ("train.py", ["--gamma", "inf"], "--gamma: must be a finite number >= 0"),
+        ("score.py", ["--judge-timeout", "inf"], "--judge-timeout: must be a finite number > 0"),
+        ("score.py", ["--judge-timeout", "-5"], "--judge-timeout: must be a finite number > 0"),
+        ("score.py", ["--backoff", "nan"], "--backoff: must be a finite number >= 0"),
+        ("sample.py", ["--temperatures", "nan"], "--temperatures: must be a finite number >= 0"),
+        ("sample.py", ["--temperatures", "0.8", "-1"], "--temperatures: must be a finite number >= 0"),
+        ("sample.py", ["--top-p=-3"], "--top-p: must be a finite number <= 1 and > 0"),
+        ("sample.py", ["--num-candidates", "1"], "--num-candidates: must be an integer >= 2"),
+        ("refine.py", ["--temperature", "-0.5"], "--temperature: must be a finite number >= 0"),
+        ("oracle/soup.py", ["--weight", "1.5"], "--weight: must be a finite number >= 0 and <= 1"),
+    ],
+)
+def test_decimal_and_integer_flags_out_of_range_stop_before_any_work(tmp_path, script, flags, message):
+    need = {
+        "train.py": ["--input", "x", "--output", tmp_path / "o"],
+        "oracle/soup.py": ["--first", "a", "--second", "b", "--output", tmp_path / "o"],
+    }.get(script, ["--input", "x", "--output", tmp_path / "o"])
+    p = run_here(script, *need, *flags)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-800:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_targets_the_model_lacks_stop_before_any_work(tmp_path, tiny_model_dir):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "gap": 1}])
+    for targets in (["qproj"], ["q_proj", "vproj"]):  # a typo alone, and beside a real name
+        p = run_here(
+            "train.py",
+            "--input",
+            pairs,
+            "--model",
+            tiny_model_dir,
+            "--output",
+            tmp_path / "o",
+            "--lora-rank",
+            2,
+            "--lora-targets",
+            *targets,
+        )
+        assert p.returncode == 2 and f"--lora-targets {targets[-1]}: no linear layer" in p.stderr, p.stderr[-500:]
+        assert "q_proj" in p.stderr and not (tmp_path / "o").exists()

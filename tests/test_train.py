@@ -125,7 +125,8 @@ def test_truncation_drops_long_prompts_and_empty_answers(tmp_path, tokenizer):
         ],
     )
     ex, dropped = preference_data.load_pairs(f, tokenizer, 100)
-    assert [e["id"] for e in ex] == ["ok"] and dropped == {"prompt_too_long": 1, "empty_answer": 0}
+    assert [e["id"] for e in ex] == ["ok"]
+    assert dropped == {"prompt_too_long": 1, "empty_answer": 0, "identical_after_truncation": 0, "truncated": 0}
     n_prompt = preference_data.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
     ex, dropped = preference_data.load_pairs(f, tokenizer, n_prompt + 1, limit=1)  # one answer token fits
     assert len(ex) == 1
@@ -287,3 +288,32 @@ def test_gaps_are_validated(tmp_path, tokenizer, gap):
     )
     with pytest.raises(common.InputError, match=r"p\.jsonl:2: gap must be a finite number >= 0"):
         preference_data.load_pairs(tmp_path / "p.jsonl", tokenizer, 64)
+
+
+def test_truncated_pairs_are_counted_and_those_cut_to_the_same_tokens_dropped(tmp_path, tokenizer):
+    """Two answers that share their beginning, cut inside it, would train as a pair of equal
+    texts at their full gap weight: dropped and counted; a pair cut where they still differ is
+    kept and counted as truncated; the log says both."""
+    rows = [
+        {
+            "id": "same",
+            "prompt": "Hi",
+            "chosen": "The answer is yes, of course.",
+            "rejected": "The answer is no.",
+            "gap": 3,
+        },
+        {
+            "id": "differ",
+            "prompt": "Hi",
+            "chosen": "Yes, gladly, here it is.",
+            "rejected": "No, never, go away.",
+            "gap": 2,
+        },
+    ]
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    n_prompt = preference_data.tokenize_answer(tokenizer, "Hi", "x", 10_000)[1]
+    ex, counts = preference_data.load_pairs(f, tokenizer, n_prompt + 2)  # two answer tokens: "The answer"
+    assert [e["id"] for e in ex] == ["differ"]
+    assert counts == {"prompt_too_long": 0, "empty_answer": 0, "identical_after_truncation": 1, "truncated": 1}
+    ex, counts = preference_data.load_pairs(f, tokenizer, 10_000)  # nothing cut: both kept, none counted
+    assert len(ex) == 2 and counts["truncated"] == counts["identical_after_truncation"] == 0
