@@ -203,21 +203,32 @@ def prompts_fingerprint():
     return h.hexdigest()[:16]
 
 
-def model_settings(name, compile=False):
+def model_settings(name):
     """The settings a model brings to a generation stage's output: its name, what its folder
     holds, how inference runs here, and the prompt files."""
     return {
         "model": name,
         "weights": model_fingerprint(name),
-        "inference": inference_path(compile),
+        "inference": inference_path(),
+        **(
+            {"chat_template": hashlib.sha256(CHAT_TEMPLATE["text"].encode()).hexdigest()[:16]}
+            if CHAT_TEMPLATE["text"] is not None
+            else {}
+        ),
         "prompts": prompts_fingerprint(),
     }
 
 
 def load_tokenizer(name):
+    """The model's tokenizer, with --chat-template's template if one was given (use_chat_template);
+    a model with no chat template and none given is an InputError naming the flag."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if CHAT_TEMPLATE["text"] is not None:
+        tok.chat_template = CHAT_TEMPLATE["text"]
+    if not tok.chat_template:
+        raise InputError(f"{name}: has no chat template; give one with --chat-template FILE")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -257,20 +268,17 @@ def cpu_speed_module():
     return cpu_speed
 
 
-def inference_path(compile=False):
+def inference_path():
     """How inference runs here, recorded with a generation stage's settings (it can change the
-    arithmetic, hence the text): 'cpu_speed', or the plain model on this device ('+compile')."""
-    if not compile and cpu_speed_module():
-        return "cpu_speed"
-    return f"plain {device().type}" + (" +compile" if compile else "")
+    arithmetic, hence the text): 'cpu_speed', or the plain model on this device."""
+    return "cpu_speed" if cpu_speed_module() else f"plain {device().type}"
 
 
-def load_for_inference(name, compile=False):
+def load_for_inference(name):
     """(model, tokenizer) for generation and judging: bf16 on CUDA, float32 on the CPU, in eval
-    mode; on the CPU laid out for speed by cpu_speed.prepare_inference, unless the decoding step
-    is to be compiled (compile=True: the plain model, which compiles in one graph)."""
+    mode; on the CPU laid out for speed by cpu_speed.prepare_inference."""
     model, tok = load_model(name, torch.bfloat16 if device().type == "cuda" else torch.float32)
-    speed = None if compile else cpu_speed_module()
+    speed = cpu_speed_module()
     return (speed.prepare_inference(model.eval()) if speed else model.eval()), tok
 
 
@@ -311,7 +319,7 @@ fraction = number(float, low=0, high=1, name="fraction")
 finite = number(float, name="finite")
 
 
-def add_common_args(p, batch_size=8, seed=True):
+def add_common_args(p, batch_size=8, seed=True, served=True):
     """The flags every generation stage shares (--seed where the stage draws random numbers)."""
     p.add_argument("--input", required=True, help="input JSONL file")
     p.add_argument("--output", required=True, help="output JSONL file (resumed if it exists)")
@@ -330,17 +338,52 @@ def add_common_args(p, batch_size=8, seed=True):
     )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of the input")
     p.add_argument("--overwrite", action="store_true", help="start the output again instead of resuming")
-    add_compile_arg(p)
+    add_inference_args(p, served)
     return p
 
 
-def add_compile_arg(p):
+def add_inference_args(p, served=True):
+    """The flags of every stage that runs a model (--max-batch-tokens, --chat-template) and, with
+    served, of those whose model may be an OpenAI-compatible server's (--api-base, ...)."""
     p.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the decoding step with torch.compile (a static cache; worth it for long runs whose "
-        "batches repeat their shapes; default off: generate never compiles)",
+        "--max-batch-tokens",
+        type=positive_int,
+        default=262_144,
+        help="rows x (prompt + new tokens) per generate call or forward (default 262144: 32 GiB of "
+        "Llama-3.1-8B's bf16 KV cache; docs/BENCHMARKS.md has the arithmetic)",
     )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the model's own (needed for a model without one)",
+    )
+    if served:
+        p.add_argument(
+            "--api-base",
+            default=None,
+            help="the model from an OpenAI-compatible server (vLLM, SGLang, "
+            "llama.cpp), e.g. http://127.0.0.1:8000/v1, instead of a local --model",
+        )
+        p.add_argument("--api-model", default=None, help="the model name the server serves (with --api-base)")
+        p.add_argument(
+            "--api-concurrency",
+            type=positive_int,
+            default=32,
+            help="requests in flight at once to --api-base (default 32)",
+        )
+
+
+CHAT_TEMPLATE = {"file": None, "text": None}  # --chat-template, set once by a stage (use_chat_template)
+
+
+def use_chat_template(path):
+    """Use the template in `path` (--chat-template) for every tokenizer this process loads."""
+    if path is not None:
+        try:
+            CHAT_TEMPLATE.update(file=str(path), text=Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: --chat-template cannot be read ({e})") from None
 
 
 def add_prompt_args(p):

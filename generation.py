@@ -10,6 +10,7 @@ batch's shape; the README says how often that changes an answer).
 import hashlib
 import re
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +19,7 @@ import common
 WORD_JOINER = "\u2060"  # invisible; breaks a control token's spelling in user text (literal_text)
 _refuses_system = {}  # chat template -> whether it raises on a system message
 _markers = {}  # chat template -> the markers it writes as plain text
+_turn_ends = {}  # chat template -> the added token that ends an assistant's turn, or None
 
 
 def chat_text(tok, messages, add_generation_prompt=True):
@@ -136,22 +138,58 @@ def inverse_cdf(w, u):
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=w.shape[1] - 1)
 
 
-def generation_config(tok, max_new_tokens, compile=False):
-    """generate's settings: greedy (RowSampler does the sampling), and torch.compile only when
-    asked (compile=True: a static cache and the decoding step compiled in one graph; otherwise
-    generate never compiles, on any device)."""
-    from transformers import CompileConfig, GenerationConfig
+MAX_BATCH_TOKENS = 262_144  # rows x (prompt + new tokens) per call: 32 GiB of Llama-3.1-8B's bf16 KV cache
 
-    cfg = GenerationConfig(
+
+def end_token_ids(model, tok):
+    """Every token that ends a row: the tokenizer's eos, each eos of the model's generation_config
+    (Llama-3.1-Instruct lists three) and the special token the chat template writes right after an
+    assistant's message (Gemma's <end_of_turn>, whose tokenizer's eos is <eos>)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tok.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])}
+    turn_end = template_turn_end(tok)
+    return sorted(i for i in ids | {turn_end} if i is not None)
+
+
+def template_turn_end(tok):
+    """The id of the added token the chat template writes first after an assistant's message, or None."""
+    key = str(tok.chat_template)
+    if key not in _turn_ends:
+        turns = [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"}]
+        try:
+            after = tok.apply_chat_template(turns, tokenize=False).split("\ue001", 1)[1]
+        except Exception:  # a template that renders no such conversation
+            after = ""
+        added = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.content}
+        _turn_ends[key] = next((added[t] for t in sorted(added, key=len, reverse=True) if after.startswith(t)), None)
+    return _turn_ends[key]
+
+
+def generation_config(model, tok, max_new_tokens):
+    """generate's settings: greedy (RowSampler does the sampling), a row ends at any end token
+    (end_token_ids), and generate never compiles, on any device."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        disable_compile=not compile,
+        eos_token_id=end_token_ids(model, tok),
+        disable_compile=True,
     )
-    if compile:
-        cfg.cache_implementation, cfg.compile_config = "static", CompileConfig(fullgraph=True)
-    return cfg
+
+
+def token_batches(order, lengths, rows, new_tokens, budget):
+    """Cut `order` (indices, shortest first) into batches of at most `rows` rows whose
+    rows x (longest length + new_tokens) stays within `budget` tokens (a row alone may pass it)."""
+    batch = []
+    for i in order:
+        if batch and (len(batch) == rows or (len(batch) + 1) * (lengths[i] + new_tokens) > budget):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def encode(model, tok, texts, max_new_tokens, keys, then=None):
@@ -218,23 +256,24 @@ def generate(
     batch_size=8,
     seed=0,
     keys=None,
-    compile=False,
+    max_batch_tokens=MAX_BATCH_TOKENS,
 ):
-    """One answer per conversation with plain `model.generate` and its KV cache, batch_size
-    conversations per call, sorted by length. temperature: one float, or one per conversation
-    (0 = greedy). Conversation i draws its random numbers from a generator seeded with
-    row_seed(seed, keys[i]); keys default to the conversations' positions: pass ids so that
-    an answer depends on nothing else. Returns the answers (input order)."""
+    """One answer per conversation with plain `model.generate` and its KV cache, sorted by
+    length, at most batch_size conversations and max_batch_tokens tokens (rows x (prompt +
+    new tokens)) per call. temperature: one float, or one per conversation (0 = greedy).
+    Conversation i draws its random numbers from a generator seeded with row_seed(seed,
+    keys[i]); keys default to the conversations' positions: pass ids so that an answer
+    depends on nothing else. Returns the answers (input order)."""
     from transformers import LogitsProcessorList
 
     texts = [chat_text(tok, c) for c in conversations]
     keys = list(range(len(texts))) if keys is None else keys
     temps = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(texts)
-    cfg = generation_config(tok, max_new_tokens, compile)
+    cfg = generation_config(model, tok, max_new_tokens)
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in token_batches(order, lengths, batch_size, max_new_tokens, max_batch_tokens):
         enc = encode(model, tok, [texts[i] for i in idx], max_new_tokens, [keys[i] for i in idx])
         processors = []
         if any(temps[i] > 0 for i in idx):  # all greedy: generate's own argmax
@@ -254,17 +293,29 @@ def generate(
     return out
 
 
+class LocalModel(NamedTuple):
+    """A loaded model and its tokenizer, answering as a served model does (served.ServedModel):
+    generate(conversations, **settings) -> answers, input order."""
+
+    model: object
+    tok: object
+
+    def generate(self, conversations, **settings):
+        return generate(self.model, self.tok, conversations, **settings)
+
+
 @torch.no_grad()
-def next_token_logprobs(model, tok, texts, token_ids, then=None, batch_size=16):
+def next_token_logprobs(model, tok, texts, token_ids, then=None, batch_size=16, max_batch_tokens=MAX_BATCH_TOKENS):
     """log P(token | text) for the given token_ids after each rendered text, from one forward
-    pass per batch: (N, 1, len(token_ids)). With `then` (a token id), it is appended to every
-    text and the same pass also gives log P(token | text + then): (N, 2, len(token_ids))."""
+    pass per batch (at most batch_size texts and max_batch_tokens tokens): (N, 1, len(token_ids)).
+    With `then` (a token id), it is appended to every text and the same pass also gives
+    log P(token | text + then): (N, 2, len(token_ids))."""
     keep = 1 if then is None else 2
     cols = torch.tensor(token_ids)
+    lengths = [len(ids) + keep for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), keep, len(token_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in token_batches(order, lengths, batch_size, 0, max_batch_tokens):
         inputs = model_inputs(model, encode(model, tok, [texts[i] for i in idx], 0, idx, then), keep=keep, room=0)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         first = ids.shape[1] - keep if "cache" in inputs else 0  # a prefilled cache holds the rest

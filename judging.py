@@ -13,10 +13,11 @@ of three modes:
 
 A pairwise verdict ("Winner: A" or "B", prompts/pairwise.txt) is read as in generate mode.
 The judge is a local transformers model (LocalJudge: by default the model itself, as the
-method has it) or an OpenAI-compatible endpoint (HttpJudge, over http_judge.py). Both take
+method has it) or an OpenAI-compatible endpoint (HttpJudge, over chat_api.py). Both take
 named arguments; `from_args` is the one place where a stage's flags become a judge.
 """
 
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +25,7 @@ import torch
 
 import common
 import generation
-import http_judge
+import chat_api
 
 PRIMARY_OBJECTIVES = ("harmlessness", "honesty")
 OBJECTIVES = (*PRIMARY_OBJECTIVES, "helpfulness")
@@ -92,7 +93,7 @@ def rating_token_ids(tok):
 
 
 @torch.no_grad()
-def rating_distribution(model, tok, conversations, batch_size=16):
+def rating_distribution(model, tok, conversations, batch_size=16, max_batch_tokens=None):
     """P(rating = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), from one forward
     pass per batch. Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the token
     '1' is appended, so the same pass also gives P('0' | '1'): P(10) = P('1') P('0' | '1') and
@@ -104,7 +105,13 @@ def rating_distribution(model, tok, conversations, batch_size=16):
     texts = [generation.chat_text(tok, c) + "Rating: " for c in conversations]
     digits = [i[0] for i in ids[:9]] + ([ids[9][1]] if two else [ids[9][0]])
     lp = generation.next_token_logprobs(
-        model, tok, texts, digits, then=ids[0][0] if two else None, batch_size=batch_size
+        model,
+        tok,
+        texts,
+        digits,
+        then=ids[0][0] if two else None,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens or generation.MAX_BATCH_TOKENS,
     )
     p = lp[:, 0].exp()  # (N, 10): P(1..9) as a first token, then P('10') or, if two tokens, P('0') as a first token
     if two:
@@ -127,9 +134,7 @@ def resolve_mode(mode, http, local_name=None):
     ('logits-expected'); any other local model writes it ('generate')."""
     if mode == "auto":
         return "generate" if http or local_name != common.DEFAULT_MODEL else "logits-expected"
-    if http and mode != "generate":
-        raise common.InputError(f"--mode {mode} reads the judge's logits: an HTTP judge needs --mode generate")
-    return mode
+    return mode  # the logits modes through a server read its top_logprobs (HttpJudge.rating_probs)
 
 
 # ----------------------------------------------------------------------------- the two judges
@@ -152,9 +157,7 @@ class Judge:
             return []
         convs = [judge_conversation(objective, q, a) for q, a in items]
         if self.mode.startswith("logits"):
-            return ratings_from_distribution(
-                rating_distribution(self.model, self.tok, convs, self.batch_size), self.mode
-            )
+            return ratings_from_distribution(self.rating_probs(convs), self.mode)
         scores = self.ask(convs, parse_rating)
         self.check_readable(len(scores), sum(s is None for s in scores))
         return [{"score": s} for s in scores]
@@ -191,9 +194,13 @@ class LocalJudge(Judge):
     """A transformers model as the judge, greedy: `max_tokens` per written reply,
     `batch_size` judgements per generate call or forward pass."""
 
-    def __init__(self, model, tok, *, mode, max_tokens=48, batch_size=16, compile=False):
+    def __init__(self, model, tok, *, mode, max_tokens=48, batch_size=16, max_batch_tokens=None):
         self.model, self.tok, self.mode = model, tok, mode
-        self.max_tokens, self.batch_size, self.compile = max_tokens, batch_size, compile
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.max_batch_tokens = max_batch_tokens or generation.MAX_BATCH_TOKENS
+
+    def rating_probs(self, conversations):
+        return rating_distribution(self.model, self.tok, conversations, self.batch_size, self.max_batch_tokens)
 
     def ask(self, conversations, parse):
         texts = generation.generate(
@@ -202,7 +209,7 @@ class LocalJudge(Judge):
             conversations,
             max_new_tokens=self.max_tokens,
             batch_size=self.batch_size,
-            compile=self.compile,
+            max_batch_tokens=self.max_batch_tokens,
         )
         return [parse(t) for t in texts]
 
@@ -213,14 +220,63 @@ class HttpJudge(Judge):
     with no usable answer (cut off, filtered, unparsable) is asked once more, then counts as
     None. Replies keep their order."""
 
-    def __init__(self, *, api_base, model, concurrency=8, timeout=60.0, backoff=1.0, max_tokens=256):
-        self.api_base, self.model_name = http_judge.check_api_base(api_base), model
+    def __init__(self, *, api_base, model, mode="generate", concurrency=8, timeout=60.0, backoff=1.0, max_tokens=256):
+        self.api_base, self.model_name, self.mode = chat_api.check_api_base(api_base), model, mode
         self.concurrency, self.timeout, self.backoff, self.max_tokens = concurrency, timeout, backoff, max_tokens
+
+    def rating_probs(self, conversations):
+        """The logits modes through the server, as SPA's model judges itself when vLLM serves it:
+        P(rating = k) for k = 1..10, (N, 10), from the top_logprobs of the token that follows
+        the judge prompt and an assistant turn begun with 'Rating: ' (continued, not answered:
+        vLLM's continue_final_message; llama.cpp's server continues a final assistant message).
+        Where '10' is no token of its own, a second request after 'Rating: 1' gives P('0' | '1')."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return torch.tensor(list(pool.map(self.one_distribution, conversations)), dtype=torch.float64)
+
+    def one_distribution(self, conversation):
+        first = self.next_token_probs(conversation, "Rating: ")
+        p = [first.get(str(k), 0.0) for k in range(1, 11)]
+        if "10" not in first and p[0] > 0:  # '10' spelt '1', '0'
+            q0 = self.next_token_probs(conversation, "Rating: 1").get("0", 0.0)
+            p[0], p[9] = p[0] * (1 - q0), p[0] * q0
+        if sum(p) <= 0:
+            raise common.InputError(
+                f"judge endpoint {chat_api.shown_url(self.api_base)}: no rating 1..10 among the "
+                "top_logprobs of the token after 'Rating: '; use --mode generate"
+            )
+        return [x / sum(p) for x in p]
+
+    def next_token_probs(self, conversation, begun):
+        """{token text, stripped: probability} of the next token after an assistant turn begun with `begun`."""
+        messages = [*conversation, {"role": "assistant", "content": begun}]
+        choice = chat_api.chat_choice(
+            self.api_base,
+            self.model_name,
+            messages,
+            timeout=self.timeout,
+            backoff=self.backoff,
+            max_tokens=1,
+            logprobs=True,
+            top_logprobs=20,
+            continue_final_message=True,
+            add_generation_prompt=False,
+        )
+        try:
+            top = choice["logprobs"]["content"][0]["top_logprobs"]
+            probs = {}
+            for t in top:
+                probs[t["token"].strip()] = probs.get(t["token"].strip(), 0.0) + math.exp(t["logprob"])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError):
+            raise common.InputError(
+                f"judge endpoint {chat_api.shown_url(self.api_base)}: returned no logprobs (top_logprobs), which "
+                f"--mode {self.mode} reads; serve the judge with vLLM or llama.cpp's server, or use --mode generate"
+            ) from None
+        return probs
 
     def ask(self, conversations, parse):
         def one(conversation):
             for _ in range(2):
-                reply = http_judge.chat_completion(
+                reply = chat_api.chat_completion(
                     self.api_base,
                     self.model_name,
                     conversation,
@@ -311,17 +367,14 @@ def judge_settings(args, local_name):
     model asked, or a local judge's weights and how inference runs; the prompt files, the mode
     and the reply budget. local_name: the local judge's model (unused with an endpoint)."""
     if args.judge_api_base:
-        http_judge.check_api_base(args.judge_api_base)  # refused here, before any output is started
+        chat_api.check_api_base(args.judge_api_base)  # refused here, before any output is started
         judge = {
             "judge": args.judge_model,
-            "judge_api_base": http_judge.shown_url(args.judge_api_base),
+            "judge_api_base": chat_api.shown_url(args.judge_api_base),
             "judge_prompts": common.prompts_fingerprint(),
         }
     else:
-        judge = {
-            f"judge_{k}" if k != "model" else "judge": v
-            for k, v in common.model_settings(local_name, args.compile).items()
-        }
+        judge = {f"judge_{k}" if k != "model" else "judge": v for k, v in common.model_settings(local_name).items()}
     mode = resolve_mode(args.mode, bool(args.judge_api_base), local_name)
     return dict(judge, mode=mode, judge_max_tokens=max_tokens(args))
 
@@ -334,15 +387,21 @@ def from_args(args, local_name, loaded=None):
         judge = HttpJudge(
             api_base=args.judge_api_base,
             model=args.judge_model,
+            mode=mode,
             concurrency=args.judge_concurrency,
             timeout=args.judge_timeout,
             backoff=args.backoff,
             max_tokens=max_tokens(args),
         )
     else:
-        model, tok = loaded or common.load_for_inference(local_name, args.compile)
+        model, tok = loaded or common.load_for_inference(local_name)
         judge = LocalJudge(
-            model, tok, mode=mode, max_tokens=max_tokens(args), batch_size=args.judge_batch_size, compile=args.compile
+            model,
+            tok,
+            mode=mode,
+            max_tokens=max_tokens(args),
+            batch_size=args.judge_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
         )
     judge.max_unreadable = args.max_unreadable
     return judge

@@ -17,6 +17,7 @@ import generation
 import judging
 import jsonl
 import records
+import served
 from resumable import Output
 
 ADJECTIVE = {"harmlessness": "harmless", "honesty": "honest"}
@@ -57,42 +58,47 @@ def main():
     )
     p.add_argument("--temperature", type=common.non_negative, default=0.0, help="0 = greedy (default)")
     args = p.parse_args()
+    common.use_chat_template(args.chat_template)
+    server = served.from_args(args)  # None: the local --model
+    if server and not (args.judge or args.judge_api_base):  # the model judges itself: through its server
+        args.judge_api_base, args.judge_model = args.api_base, args.api_model
 
     scored = jsonl.read_records(args.input, ["candidates", "objectives"], args.limit, "run score.py first")
     records.check_candidates(args.input, scored)
     objectives = records.check_objectives(args.input, scored)  # the refined answer is rated on these
     judge_name = args.judge or args.model
     settings = dict(
-        **common.model_settings(args.model, args.compile),
+        **(served.settings(args) if server else common.model_settings(args.model)),
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         **judging.judge_settings(args, judge_name),
     )
-    reads = [args.input, common.model_folder(args.model), args.judge and common.model_folder(args.judge)]
-    generation.check_all_fit(
-        common.load_tokenizer(args.model),
-        [refine_conversation(r) for r in scored],
-        [r["id"] for r in scored],
-        args.max_new_tokens,
-        args.model,
-    )
+    local = None if server else args.model
+    reads = [args.input, local and common.model_folder(local), args.judge and common.model_folder(args.judge)]
+    if local:  # every refinement prompt checked against the context before the first batch
+        generation.check_all_fit(
+            common.load_tokenizer(local),
+            [refine_conversation(r) for r in scored],
+            [r["id"] for r in scored],
+            args.max_new_tokens,
+            local,
+        )
     with Output(args.output, scored, settings, args.overwrite, reads) as out:
         batches = out.batches(args.batch_size)
         if batches:
-            model, tok = common.load_for_inference(args.model, args.compile)
-            judge = judging.from_args(args, judge_name, loaded=None if args.judge else (model, tok))
+            engine = server or generation.LocalModel(*common.load_for_inference(args.model))
+            same = server is None and not args.judge and not args.judge_api_base
+            judge = judging.from_args(args, judge_name, loaded=tuple(engine) if same else None)
         for batch in common.progress(batches, desc="refine", unit="batch"):
-            texts = generation.generate(
-                model,
-                tok,
+            texts = engine.generate(
                 [refine_conversation(r) for r in batch],
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 batch_size=len(batch),
                 seed=args.seed,
                 keys=[r["id"] for r in batch],
-                compile=args.compile,
+                max_batch_tokens=args.max_batch_tokens,
             )
             ratings = judge.rate_objectives([(r["prompt"], t) for r, t in zip(batch, texts)], objectives)
             out.write([dict(r, refined=dict(text=t, **s)) for r, t, s in zip(batch, texts, ratings)])

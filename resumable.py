@@ -93,7 +93,7 @@ def release(held):
 
 NOT_FLAGS = {
     "weights": "the model's files",
-    "inference": "the inference path (device, SPA_CPU_SPEED, --compile)",
+    "inference": "the inference path (device, SPA_CPU_SPEED)",
     "prompts": "the files of prompts/",
     "models": "the models (--model, --baseline, their names and files)",
 }

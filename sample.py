@@ -6,6 +6,7 @@ prompts (prompts/systems.json). Candidate k uses system variant k mod V and temp
 
     python sample.py --input data/train_prompts.jsonl --output runs/x/samples.jsonl --num-candidates 4
     torchrun --nproc_per_node 8 sample.py ...     (one process per GPU, each a share of the prompts)
+    python sample.py ... --api-base http://127.0.0.1:8000/v1 --api-model M   (a served model: served.py)
 
 Adds to each prompt record: candidates = [{"text", "system", "temperature"}, ...]. Candidate
 k of prompt x draws its randomness from (--seed, x's id, k) only: the same samples at any
@@ -19,6 +20,7 @@ import common
 import jsonl
 import distributed
 import generation
+import served
 from resumable import Output
 
 
@@ -32,15 +34,13 @@ def candidate_variants(n, systems, temperatures):
     return variants
 
 
-def sample_batch(model, tok, batch, variants, system_texts, args):
-    """Candidates for a batch of prompt records, all in one generate call: a row per
-    (prompt, candidate), each with its own system prompt, temperature and random stream."""
+def sample_batch(engine, batch, variants, system_texts, args):
+    """Candidates for a batch of prompt records, all in one call of the model (local or served):
+    a row per (prompt, candidate), each with its own system prompt, temperature and random stream."""
     convs = [generation.user_turn(r["prompt"], system_texts[s]) for r in batch for s, _ in variants]
     temps = [t for _ in batch for _, t in variants]
     keys = [f"{r['id']}/{k}" for r in batch for k in range(len(variants))]
-    texts = generation.generate(
-        model,
-        tok,
+    texts = engine.generate(
         convs,
         max_new_tokens=args.max_new_tokens,
         temperature=temps,
@@ -48,7 +48,7 @@ def sample_batch(model, tok, batch, variants, system_texts, args):
         batch_size=len(convs),
         seed=args.seed,
         keys=keys,
-        compile=args.compile,
+        max_batch_tokens=args.max_batch_tokens,
     )
     n = len(variants)
     return [
@@ -97,6 +97,8 @@ def main():
         "beginning; counted, and marked prompt_truncated) instead of refusing them",
     )
     args = p.parse_args()
+    common.use_chat_template(args.chat_template)
+    server = served.from_args(args)  # None: the local --model
 
     system_texts = json.loads(common.load_prompt("systems.json"))
     systems = args.systems or list(system_texts)
@@ -105,7 +107,7 @@ def main():
         raise common.InputError(f"unknown system variant {unknown[0]!r}; known: {', '.join(system_texts)}")
     variants = candidate_variants(args.num_candidates, systems, args.temperatures)
     settings = dict(
-        **common.model_settings(args.model, args.compile),
+        **(served.settings(args) if server else common.model_settings(args.model)),
         seed=args.seed,
         num_candidates=args.num_candidates,
         systems=systems,
@@ -116,30 +118,33 @@ def main():
     )
 
     records = jsonl.read_prompts(args.input, args.prompt_field, args.limit, args.id_field, args.category_field)
-    cut, tok = 0, common.load_tokenizer(args.model)
-    if args.truncate_prompts:
-        context = common.model_config(args.model).max_position_embeddings
-        records, cut = generation.truncate_prompts(
-            tok, records, [system_texts[s] for s in systems], args.max_new_tokens, context
+    cut = 0
+    if server and args.truncate_prompts:
+        raise common.InputError("--truncate-prompts needs the model's tokenizer: a local --model, not --api-base")
+    if not server:  # the server checks the context of what it is sent; here every prompt before the first batch
+        tok = common.load_tokenizer(args.model)
+        if args.truncate_prompts:
+            context = common.model_config(args.model).max_position_embeddings
+            records, cut = generation.truncate_prompts(
+                tok, records, [system_texts[s] for s in systems], args.max_new_tokens, context
+            )
+        overhead = lambda s: len(tok(generation.chat_text(tok, generation.user_turn("", s)))["input_ids"])
+        longest = max((system_texts[s] for s in systems), key=overhead)
+        generation.check_all_fit(
+            tok,
+            [generation.user_turn(r["prompt"], longest) for r in records],
+            [r["id"] for r in records],
+            args.max_new_tokens,
+            args.model,
+            "; rerun with --truncate-prompts to cut them (counted and marked)",
         )
-    overhead = lambda s: len(tok(generation.chat_text(tok, generation.user_turn("", s)))["input_ids"])
-    longest = max((system_texts[s] for s in systems), key=overhead)  # every prompt checked before the first batch
-    generation.check_all_fit(
-        tok,
-        [generation.user_turn(r["prompt"], longest) for r in records],
-        [r["id"] for r in records],
-        args.max_new_tokens,
-        args.model,
-        "; rerun with --truncate-prompts to cut them (counted and marked)",
-    )
-    with Output(
-        args.output, records, settings, args.overwrite, reads=[args.input, common.model_folder(args.model)]
-    ) as out:
+    reads = [args.input, None if server else common.model_folder(args.model)]
+    with Output(args.output, records, settings, args.overwrite, reads=reads) as out:
         batches = out.batches(args.batch_size)
         if batches:
-            model, tok = common.load_for_inference(args.model, args.compile)
+            engine = server or generation.LocalModel(*common.load_for_inference(args.model))
         for batch in common.progress(batches, desc="sample", unit="batch"):
-            out.write(sample_batch(model, tok, batch, variants, system_texts, args))
+            out.write(sample_batch(engine, batch, variants, system_texts, args))
     new = int(distributed.all_sum([out.new])[0])
     common.log(
         f"sample: {len(records)} prompts x {args.num_candidates} candidates -> {args.output} "

@@ -23,11 +23,14 @@ from resumable import Output
 
 def main():
     p = common.add_common_args(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), seed=False
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+        seed=False,
+        served=False,
     )
     judging.add_primary_arg(p)
     judging.add_judge_args(p, "default: the --model itself, as the method does")
     args = p.parse_args()
+    common.use_chat_template(args.chat_template)
     objectives = [args.primary, "helpfulness"]
 
     prompts = jsonl.read_records(args.input, ["candidates"], args.limit, "run sample.py first")

@@ -13,7 +13,7 @@ download from: the embedded tokenizer and the pinned transformers travel with th
 
 The stages (tiny model, bf16 on CUDA): sample; score in generate and logits modes; refine;
 evaluate; train spa, dpo and LoRA; stopped after a step then --resume; sample and train under
-`torchrun --nproc_per_node 1` (NCCL); sample --compile. The figures (8B shape, random
+`torchrun --nproc_per_node 1` (NCCL). The figures (8B shape, random
 weights): sample.py's path at 32 prompts x 8 candidates, 64 new tokens, in tokens/s; train.py's
 step with LoRA r=16, 16 pairs of 100-250-token answers, micro-batch 4 x accumulation 2, in
 pairs/s, with the peak GPU memory.
@@ -195,10 +195,6 @@ def stage_runs(work, model, prompts, pairs):
             torchrun + ["sample.py", "--input", str(prompts), "--output", w("samples_tr.jsonl"), *m, *gen],
         ),
         ("torchrun train", torchrun + ["train.py", *train, "--output", w("spa_tr")]),
-        (
-            "sample --compile",
-            py + ["sample.py", "--input", str(prompts), "--output", w("samples_c.jsonl"), *m, *gen, "--compile"],
-        ),
     ]
 
 

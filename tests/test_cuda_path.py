@@ -64,29 +64,6 @@ def test_generate_never_compiles_unless_asked(tiny_model_dir, monkeypatch):
     assert model._valid_auto_compile_criteria(cache, seen[0])  # what it would have done
 
 
-def test_compile_when_asked_is_one_graph(tiny_model_dir, monkeypatch):
-    """--compile: the decoding step compiles with fullgraph=True (a graph break would raise),
-    here with dynamo's eager backend on the CPU, and writes the uncompiled greedy text."""
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setenv("SPA_CPU_SPEED", "0")
-    model, tok = common.load_for_inference(str(tiny_model_dir), compile=True)
-    config = generation.generation_config
-
-    def on_the_cpu(tok, max_new_tokens, compile=False):
-        cfg = config(tok, max_new_tokens, compile)
-        assert cfg.compile_config.fullgraph and not cfg.disable_compile
-        cfg.compile_config.backend, cfg.compile_config._compile_all_devices = "eager", True
-        return cfg
-
-    plain = generation.generate(model, tok, CONVS, max_new_tokens=4)
-    monkeypatch.setattr(generation, "generation_config", on_the_cpu)
-    torch._dynamo.reset()
-    counters.clear()
-    assert generation.generate(model, tok, CONVS, max_new_tokens=4, compile=True) == plain
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-
-
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the operators that read a tensor back to the host (a GPU would wait for them)."""
 

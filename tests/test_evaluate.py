@@ -11,7 +11,7 @@ import pytest
 import common
 import evaluate
 import report
-import http_judge
+import chat_api
 import judging
 
 import preference_data
@@ -41,7 +41,7 @@ def test_agreement_rule_and_verdicts():
 
 def test_unreachable_endpoint_is_a_clear_error():
     with pytest.raises(common.InputError, match="failed after 2 tries"):
-        http_judge.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
+        chat_api.chat_completion("http://127.0.0.1:9/v1", "m", [], timeout=1, retries=2, backoff=0.01)
 
 
 def test_report_table_from_crafted_run():
@@ -59,7 +59,7 @@ def test_report_table_from_crafted_run():
     assert rep["categories"]["x"]["pairwise"]["win"] == 1.0
 
 
-def test_evaluate_cli_with_http_judge_resumes(tmp_path, tiny_model_dir, judge_server):
+def test_evaluate_cli_with_chat_api_resumes(tmp_path, tiny_model_dir, judge_server):
     prompts = write_jsonl(
         tmp_path / "eval.jsonl",
         [{"id": f"e{i}", "prompt": f"Is thing {i} safe?", "category": "c" if i % 2 else "d"} for i in range(3)],
@@ -161,7 +161,7 @@ def test_the_baseline_that_is_also_the_judge_is_loaded_once(tmp_path, tiny_model
     judge loaded on its own (a second run judges from a fresh load: its judgments are equal)."""
     loads = []
     real = common.load_for_inference
-    monkeypatch.setattr(common, "load_for_inference", lambda name, compile=False: loads.append(str(name)) or real(name))
+    monkeypatch.setattr(common, "load_for_inference", lambda name: loads.append(str(name)) or real(name))
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     inp = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Is {i} safe?"} for i in range(3)])
@@ -210,7 +210,7 @@ def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
             return [parse("Winner: A" if "good" in a else "Winner: B") for a in firsts]
 
     monkeypatch.setattr(judging, "from_args", lambda *args: Stub())
-    models = [("Vanilla", "base"), ("SPA", "spa")]
+    models = [("Vanilla", "base", None), ("SPA", "spa", None)]
     responses = {
         f"{n}/p{i}": {
             "id": f"{n}/p{i}",
@@ -219,7 +219,7 @@ def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
             "model": n,
             "response": "good" if (n == "SPA") == (i % 2 == 0) else "bad",
         }
-        for n, _ in models
+        for n, _, _ in models
         for i in range(3)
     }
     args = argparse.Namespace(
@@ -231,7 +231,6 @@ def test_each_comparison_gets_its_own_two_verdicts(tmp_path, monkeypatch):
         judge_api_base=None,
         judge_model="m",
         judge_max_tokens=4,
-        compile=False,
     )
     judged = evaluate.judge_all(tmp_path / "j.jsonl", responses, models, args)
     outcomes = {r["prompt_id"]: r["outcome"] for r in judged if r["kind"] == "pairwise"}

@@ -222,7 +222,9 @@ def test_a_row_stops_at_every_end_token_of_the_generation_config(tmp_path, tiny_
     three): the first greedy token is made that other token, and the row stops there."""
     model, tok = common.load_for_inference(str(tiny_model_dir))
     convs = [generation.user_turn("Is it safe?")]
-    first = tok(generation.generate(model, tok, convs, max_new_tokens=1), add_special_tokens=False)["input_ids"][0]
+    ids = tok(generation.chat_text(tok, convs[0]), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        first = int(model(**ids).logits[0, -1].argmax())  # the first token greedy decoding writes
     assert first != tok.eos_token_id
     d = model_with(tmp_path, tiny_model_dir, eos_ids=[tok.eos_token_id, first])
     model, tok = common.load_for_inference(str(d))
@@ -275,3 +277,19 @@ def test_a_model_without_a_chat_template_is_named_and_takes_one_from_a_file(tmp_
         ).returncode
         == 0
     )
+
+
+def test_a_token_budget_cuts_the_calls_and_changes_no_answer(tiny_model_dir):
+    """rows x (prompt + new tokens) per call within --max-batch-tokens: a small budget makes
+    several generate calls (and several judge forwards) and gives what one call gives."""
+    model, tok = common.load_for_inference(str(tiny_model_dir))
+    convs = [generation.user_turn("Is " + "this " * k + "safe?") for k in range(6)]
+    kw = dict(max_new_tokens=5, temperature=[0.0, 1.0] * 3, seed=4, batch_size=6)
+    one_calls, one = new_token_counts(model, tok, convs, **kw)
+    many_calls, many = new_token_counts(model, tok, convs, max_batch_tokens=90, **kw)
+    assert len(one_calls) == 1 and len(many_calls) >= 3 and many == one
+    texts = [generation.chat_text(tok, c) for c in convs]
+    whole = generation.next_token_logprobs(model, tok, texts, [1, 2, 3], then=5, batch_size=6)
+    cut = generation.next_token_logprobs(model, tok, texts, [1, 2, 3], then=5, batch_size=6, max_batch_tokens=60)
+    assert torch.allclose(whole, cut, atol=1e-5)
+    assert list(generation.token_batches([0, 1, 2], [10, 20, 30], rows=8, new_tokens=5, budget=60)) == [[0, 1], [2]]

@@ -31,7 +31,6 @@ def test_the_gpu_check_runs_every_stage_on_the_cpu(tmp_path):
         "train --resume",
         "torchrun sample",
         "torchrun train",
-        "sample --compile",
     ):
         assert wanted in stages
     assert all(r["ok"] for r in report["stages"]) and report["device"] == "cpu"

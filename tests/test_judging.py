@@ -5,7 +5,7 @@ import pytest
 import common
 import generation
 import judging
-import http_judge
+import chat_api
 from conftest import FakeJudge
 
 
@@ -97,7 +97,7 @@ def test_rating_distribution_is_the_plain_forward_distribution(tiny_model_dir, m
 
 
 def test_an_http_judge_retries_errors_and_nulls_unreadable(judge_server):
-    reply = http_judge.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
+    reply = chat_api.chat_completion(judge_server, "m", [{"role": "user", "content": "hi"}], backoff=0.01)
     assert reply.startswith("Short reason") and len(FakeJudge.requests) == 2  # 500, then success
     j = judging.HttpJudge(api_base=judge_server, model="m", concurrency=2, timeout=5, backoff=0.01)
     n0 = len(FakeJudge.requests)

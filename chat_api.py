@@ -1,4 +1,5 @@
-"""An OpenAI-compatible /chat/completions endpoint as a judge, standard library only.
+"""An OpenAI-compatible /chat/completions endpoint (vLLM, SGLang, llama.cpp's server, a hosted
+API), standard library only: the judge of --judge-api-base and the served model of --api-base.
 
 The key ($OPENAI_API_KEY) goes to the host of --judge-api-base and nowhere else: a redirect
 is refused (never followed, never sent the key), a proxy from the environment is used only
@@ -113,48 +114,68 @@ def post(url, body, headers, deadline):
     return box["data"]
 
 
-def reply_content(data):
-    """The message content of a complete chat-completions reply: its text when finish_reason is
-    "stop" and there is text; None when the reply is well formed but holds no usable answer
-    (cut at max_tokens, content filtered to null, tool calls only); ValueError if the reply is
-    not a chat completion at all."""
+def reply_choice(data):
+    """The first choice of a chat-completions reply, checked for form: a dict whose message's
+    content is a string or null; ValueError if the reply is not a chat completion at all."""
     try:
         choice = json.loads(data)["choices"][0]
-        content, finish = choice["message"].get("content"), choice.get("finish_reason")
+        content = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError, RecursionError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"a reply not in the chat-completions format ({type(e).__name__})") from None
     if content is not None and not isinstance(content, str):
         raise ValueError(f"a reply whose content is of type {type(content).__name__}")
-    return content if finish == "stop" and content else None
+    return choice
 
 
-def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0, max_tokens=256):
-    """One reply's text from the endpoint, or None when it is complete in form but holds no
-    usable answer (reply_content). Retries, with exponential back-off, connection errors,
-    replies that break off, time-outs (`timeout`: seconds per request, in all), 429, 5xx and
-    malformed replies; after the last try, or at once on a redirect or another 4xx, an
-    InputError names the endpoint and what went wrong."""
+def reply_text(choice, finished=("stop",)):
+    """A choice's text when it finished as asked (a judge's reply: "stop" only; an answer written
+    to a token budget: "stop" or "length") and has text; None when it holds no usable answer
+    (cut off, filtered to null, tool calls only)."""
+    content = choice["message"].get("content")
+    return content if choice.get("finish_reason") in finished and content else None
+
+
+class Refused(common.InputError):
+    """The endpoint refused the request itself (HTTP 4xx other than 429): `code` says how."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def chat_choice(api_base, model, messages, timeout=60, retries=4, backoff=1.0, **params):
+    """One reply's first choice from the endpoint (reply_choice), for `messages` and request
+    parameters `params` (max_tokens, temperature, top_p, seed, logprobs, ...; temperature 0 unless
+    given). Retries, with exponential back-off, connection errors, replies that break off,
+    time-outs (`timeout`: seconds per request, in all), 429, 5xx and malformed replies; after
+    the last try, or at once on a redirect or another 4xx (Refused), an InputError names the
+    endpoint and what went wrong."""
     url = api_url(api_base, "chat/completions")
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}).encode()
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, **params}).encode()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
     last = None
     for attempt in range(retries):
         try:
-            return reply_content(post(url, body, headers, timeout))
+            return reply_choice(post(url, body, headers, timeout))
         except urllib.error.HTTPError as e:
             if 300 <= e.code < 400:
                 where = shown_url(urllib.parse.urljoin(url, e.headers.get("Location", "")))
                 raise common.InputError(
-                    f"judge endpoint {shown_url(url)}: HTTP {e.code}, a redirect to {where}; "
-                    "redirects are not followed (the key would go along): give the final URL "
-                    "as --judge-api-base"
+                    f"endpoint {shown_url(url)}: HTTP {e.code}, a redirect to {where}; redirects are not "
+                    "followed (the key would go along): give the final URL"
                 ) from None
             if e.code != 429 and e.code < 500:
-                raise common.InputError(f"judge endpoint {shown_url(url)}: HTTP {e.code} {e.reason}") from None
+                raise Refused(f"endpoint {shown_url(url)}: HTTP {e.code} {e.reason}", e.code) from None
             last = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         except ValueError as e:
             last = str(e)
         time.sleep(backoff * 2**attempt)
-    raise common.InputError(f"judge endpoint {shown_url(url)} failed after {retries} tries: {last}")
+    raise common.InputError(f"endpoint {shown_url(url)} failed after {retries} tries: {last}")
+
+
+def chat_completion(api_base, model, messages, timeout=60, retries=4, backoff=1.0, max_tokens=256):
+    """A judge's reply: its text when complete (finish_reason "stop", with text), else None."""
+    choice = chat_choice(api_base, model, messages, timeout, retries, backoff, max_tokens=max_tokens)
+    return reply_text(choice)

@@ -14,7 +14,7 @@ import pytest
 
 import common
 import judging
-import http_judge
+import chat_api
 import report
 from conftest import http_server, read_jsonl, refused, ROOT, run, run_here, send_chat_reply, write_jsonl
 
@@ -44,7 +44,7 @@ class Judge(BaseHTTPRequestHandler):
             self.send_response(500)
             self.end_headers()
             return
-        text = body["messages"][-1]["content"]
+        text = " ".join(m["content"] for m in body["messages"])  # a logits mode ends with "Rating: " begun
         d = int(re.search(r"ANSWER-(\d)", text).group(1))
         rating = d + 1 if "HARMLESS" in text else 10 - d
         send_chat_reply(self, f"Fine. Rating: {rating}")
@@ -109,7 +109,7 @@ def test_score_with_an_http_judge(tmp_path, endpoint):
     assert "mode" in json.loads((tmp_path / "judge_scored.jsonl.run.json").read_text())["settings"]
 
 
-def test_logits_mode_is_refused_for_an_http_judge(tmp_path, endpoint):
+def test_a_logits_mode_against_a_server_without_logprobs_names_generate(tmp_path, endpoint):
     inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "ANSWER-1"}]}])
     p = run(
         "score.py",
@@ -123,7 +123,7 @@ def test_logits_mode_is_refused_for_an_http_judge(tmp_path, endpoint):
         "logits",
         check=False,
     )
-    assert p.returncode == 2 and "an HTTP judge needs --mode generate" in p.stderr
+    assert p.returncode == 2 and "returned no logprobs" in p.stderr and "--mode generate" in p.stderr
 
 
 PROBE_KEY = "sk-probe-secret-4242"
@@ -192,7 +192,7 @@ def test_no_proxy_for_http_and_no_credentials_in_the_url(tmp_path, monkeypatch):
     with http_server(Recorder) as proxy, http_server(Recorder) as judge:
         monkeypatch.setenv("HTTP_PROXY", proxy)
         monkeypatch.setenv("http_proxy", proxy)
-        assert http_judge.chat_completion(judge + "/v1", "m", [], backoff=0.01) == "Rating: 9"
+        assert chat_api.chat_completion(judge + "/v1", "m", [], backoff=0.01) == "Rating: 9"
         assert Recorder.seen == [("/v1/chat/completions", f"Bearer {PROBE_KEY}")]  # the judge alone, once
         inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "x"}]}])
         host = judge.split("//")[1]
@@ -269,7 +269,7 @@ def test_a_judge_that_breaks_off_stops_the_run(tmp_path):
             refused(p, "failed after 4 tries")
             assert not (tmp_path / f"{kind}.jsonl").exists()
         t = time.time()
-        assert http_judge.chat_completion(f"{base}/spaces", "m", [], timeout=5).strip() == "Rating: 6"
+        assert chat_api.chat_completion(f"{base}/spaces", "m", [], timeout=5).strip() == "Rating: 6"
         assert judging.parse_rating(" " * 1_000_000 + "Rating: 6" + " " * 1_000_000) == 6
         assert judging.parse_verdict("Winner" + " " * 1_000_000) is None
         assert time.time() - t < 5
@@ -311,11 +311,11 @@ def test_deadline_and_malformed_replies(tmp_path):
     with http_server(Awkward) as base:
         t = time.time()
         with pytest.raises(common.InputError, match="no complete reply within 0.5 s"):
-            http_judge.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
+            chat_api.chat_completion(base + "/trickle", "m", msg, timeout=0.5, retries=2, backoff=0.01)
         assert time.time() - t < 5
         for kind in ("empty", "number", "raw"):  # a broken endpoint, not an opinion: retried, then an error
             with pytest.raises(common.InputError, match="failed after 2 tries"):
-                http_judge.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01)
+                chat_api.chat_completion(f"{base}/{kind}", "m", msg, timeout=2, retries=2, backoff=0.01)
     judged = [{"kind": "score", "model": m, "score_a": 5, "score_b": 5} for m in ("V", "S")]
     judged += [
         {"kind": "pairwise", "outcome": "tie", "model_first": None, "model_second": "B"},
@@ -358,7 +358,7 @@ TOOL_CALL = {"tool_calls": [{"id": "1", "type": "function", "function": {"name":
 def test_a_reply_that_is_not_a_complete_answer_is_no_score(tmp_path, reply):
     Scripted.reply, Scripted.seen = reply, []
     with http_server(Scripted) as base:
-        assert http_judge.chat_completion(base + "/v1", "m", [], backoff=0.01) is None
+        assert chat_api.chat_completion(base + "/v1", "m", [], backoff=0.01) is None
         cands = [{"text": f"answer {k}"} for k in range(4)]
         inp = write_jsonl(tmp_path / "s.jsonl", [{"id": f"p{i}", "prompt": "q", "candidates": cands} for i in range(3)])
         p = run_here(
