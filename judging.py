@@ -236,6 +236,12 @@ class HttpJudge(Judge):
     def one_distribution(self, conversation):
         first = self.next_token_probs(conversation, "Rating: ")
         p = [first.get(str(k), 0.0) for k in range(1, 11)]
+        if sum(p) < 0.5:  # a server that answers anew instead of going on after "Rating: " (llama-cpp-python's)
+            raise common.InputError(
+                f"judge endpoint {chat_api.shown_url(self.api_base)}: ratings hold {sum(p):.2f} of the probability "
+                "of the token after 'Rating: ', so the server did not continue the assistant turn begun with it; the "
+                "logits modes need a server that does (vLLM: continue_final_message), or use --mode generate"
+            )
         if "10" not in first and p[0] > 0:  # '10' spelt '1', '0'
             q0 = self.next_token_probs(conversation, "Rating: 1").get("0", 0.0)
             p[0], p[9] = p[0] * (1 - q0), p[0] * q0

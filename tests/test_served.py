@@ -33,6 +33,8 @@ class Server(BaseHTTPRequestHandler):
             if prefill.endswith("Rating: 1"):  # P('0' | '1') = P(10) / (P(1) + P(10))
                 p0 = DIST[9] / (DIST[0] + DIST[9])
                 top = [("0", p0), (".", 1 - p0)]
+            elif "nocontinue" in self.path:  # a new answer instead of the continued turn
+                top = [("R", 0.8), ("1", 0.1), ("The", 0.1)]
             else:
                 top = [(str(k), DIST[k - 1]) for k in range(2, 10)] + [("1", DIST[0] + DIST[9])]
             choice = {
@@ -173,3 +175,12 @@ def test_a_server_without_logprobs_gets_a_clear_error(tmp_path, server):
     )
     refused(p, "returned no logprobs")
     assert "--mode generate" in p.stderr
+
+
+def test_a_server_that_does_not_continue_the_rating_turn_gets_a_clear_error(server):
+    """llama-cpp-python's server answers anew after an assistant message (measured: 'R' of
+    'Rating' and 'The' above any digit): the ratings' share of the next token is too small to be
+    the continued turn, and the run stops instead of reading ratings of 1."""
+    judge = judging.HttpJudge(api_base=server.replace("/v1", "/nocontinue/v1"), model="m", mode="logits")
+    with pytest.raises(judging.common.InputError, match="did not continue the assistant turn"):
+        judge.ratings([("q", "a")], "harmlessness")
