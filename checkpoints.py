@@ -191,12 +191,25 @@ def full_state_dict(module):
     return out
 
 
+def save_dtype(flag, model_name):
+    """--save-dtype: auto is the starting model's dtype as its config says (what users load and
+    serve: bf16 for Llama-3.1-8B-Instruct, not the float32 master weights), float32 if none."""
+    if flag != "auto":
+        return getattr(torch, flag)
+    named = getattr(common.model_config(model_name), "dtype", None)
+    named = getattr(torch, named) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
 def save_final(out, lm, state_dict, tok, config):
     """Rank 0: save_pretrained into a temporary folder, then move the files in with
     config.json last: the output only looks like a model once every weight file is there."""
     tmp = jsonl.fresh_dir(out / "final.tmp")
     lm.config.use_cache = True
     lm.save_pretrained(tmp, state_dict=state_dict)
+    saved = json.loads((tmp / "config.json").read_text())  # save_pretrained writes the float32 master weights'
+    saved["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")  # dtype: the state's
+    jsonl.write_atomic(tmp / "config.json", json.dumps(saved, indent=2) + "\n")
     tok.save_pretrained(tmp)
     jsonl.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):

@@ -18,8 +18,9 @@ The trained weights are float32 master weights, always; `--mixed-precision` comp
 (FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). --batch-size is per
 device: the optimizer batch is batch-size x grad-accum x world size, and N ranks x batch B
 make the same steps as 1 rank x batch N*B. The output directory gets save_pretrained
-(safetensors) with the tokenizer and chat template, train_config.json and metrics.jsonl (a
-row per optimizer step); while training it also holds checkpoint/ for --resume.
+(safetensors, in the starting model's dtype unless --save-dtype says) with the tokenizer and
+chat template, train_config.json and metrics.jsonl (a row per optimizer step); while
+training it also holds checkpoint/ for --resume.
 """
 
 import argparse
@@ -243,9 +244,9 @@ def parse_args(argv=None):
     )
     add(
         "--save-dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="saved weights' dtype (default float32)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="the saved model's dtype (default auto: the starting model's, as its config says; float32 if none)",
     )
     add("--lora-rank", type=common.non_negative_int, default=0, help="LoRA rank r; 0 = full fine-tune (default 0)")
     add("--lora-alpha", type=common.positive, default=16.0, help="LoRA scale alpha (update x alpha / r; default 16)")
@@ -383,8 +384,9 @@ def fit(args, out, tok, examples, held_out, dropped):
     if distributed.is_main():
         if args.lora_rank:
             state = lora.merge(state, args.lora_alpha / args.lora_rank)
+        dtype = checkpoints.save_dtype(args.save_dtype, args.model)
         cast = {}  # tied tensors stay one tensor
-        state = {k: cast.setdefault(id(v), v.to(getattr(torch, args.save_dtype))) for k, v in state.items()}
+        state = {k: cast.setdefault(id(v), v.to(dtype)) for k, v in state.items()}
         config = dict(
             vars(args),
             pairs=len(examples),

@@ -259,3 +259,27 @@ def test_dpo_reference_logps_are_recomputed_when_what_they_came_from_changed(tmp
         want, got = (read_jsonl(tmp_path / d / "metrics.jsonl")[-1] for d in (f"straight_{name}", f"r_{name}"))
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
         assert got["eval_rewards/margins"] == pytest.approx(want["eval_rewards/margins"], rel=1e-3, abs=1e-5)
+
+
+def test_the_final_model_is_saved_in_the_starting_models_dtype(tmp_path, tiny_model_dir):
+    """A bf16 starting model (as Llama-3.1-8B-Instruct ships) is trained on float32 master
+    weights and saved in bf16 unless --save-dtype float32 asks; either loads with its tokenizer,
+    chat template and generation_config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    pairs = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "a b", "rejected": "c", "gap": 1} for i in range(2)]
+    )
+    args = ["--input", pairs, "--model", base, "--batch-size", 2, "--grad-accum", 1, "--save-every", 0]
+    run("train.py", *args, "--output", tmp_path / "auto")
+    run("train.py", *args, "--output", tmp_path / "f32", "--save-dtype", "float32")
+    for name, dtype in (("auto", torch.bfloat16), ("f32", torch.float32)):
+        d = tmp_path / name
+        assert {v.dtype for v in load_file(d / "model.safetensors").values()} == {dtype}
+        assert json.loads((d / "config.json").read_text())["dtype"] == str(dtype).split(".")[1]
+        m = AutoModelForCausalLM.from_pretrained(d)
+        assert m.dtype == dtype and (d / "generation_config.json").is_file()
+        assert AutoTokenizer.from_pretrained(d).chat_template
