@@ -64,34 +64,63 @@ def pair_gap(where, rec, need_gap):
     return 0.0
 
 
+def is_conversation(v):
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
+    )
+
+
+def implicit_prompt(where, chosen, rejected):
+    """TRL's implicit-prompt form, as UltraFeedback-derived sets ship (the SimPO repository's,
+    alignment-handbook's): chosen and rejected whole conversations sharing their leading turns.
+    The prompt is their longest common prefix of messages, which must end with a user turn; the
+    answers are what follows it, one assistant message each."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prompt, rest = chosen[:n], (chosen[n:], rejected[n:])
+    if not prompt or prompt[-1]["role"] != "user":
+        raise common.InputError(
+            f"{where}: chosen and rejected do not share leading turns ending with a user message, so no prompt "
+            "can be taken from them; give `prompt` and one assistant message each"
+        )
+    if any(len(r) != 1 or r[0]["role"] != "assistant" for r in rest):
+        raise common.InputError(
+            f"{where}: after their shared turns chosen and rejected must hold one assistant message each"
+        )
+    return prompt, rest[0][0]["content"], rest[1][0]["content"]
+
+
 def conversation_parts(where, rec):
-    """(prompt, chosen, rejected) from strings, or from TRL's conversational format: `prompt` a
-    list of messages (the context, any number of turns), `chosen` and `rejected` each a list
-    holding one assistant message."""
+    """(prompt, chosen, rejected) from strings; from TRL's conversational format (`prompt` a list
+    of messages, the context of any number of turns, `chosen` and `rejected` each a list holding
+    one assistant message); or from the implicit-prompt form (implicit_prompt), with or without
+    a `prompt` field beside it."""
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if is_conversation(chosen) and is_conversation(rejected) and (len(chosen) > 1 or len(rejected) > 1):
+        prompt, chosen, rejected = implicit_prompt(where, chosen, rejected)
+        check_prompt(where, prompt)
+        return prompt, chosen, rejected
+    if "prompt" not in rec:
+        raise common.InputError(f"{where}: missing field 'prompt' (or chosen and rejected as whole conversations)")
 
     def answer(key):
         v = rec[key]
         if isinstance(v, str):
             return v
-        if (
-            isinstance(v, list)
-            and len(v) == 1
-            and isinstance(v[0], dict)
-            and v[0].get("role") == "assistant"
-            and isinstance(v[0].get("content"), str)
-        ):
+        if is_conversation(v) and len(v) == 1 and v[0]["role"] == "assistant":
             return v[0]["content"]
         raise common.InputError(f"{where}: {key} must be a string or a list of one assistant message")
 
-    prompt = rec["prompt"]
-    ok = isinstance(prompt, str) or (
-        isinstance(prompt, list)
-        and prompt
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-        )
-    )
-    if not ok:
+    check_prompt(where, rec["prompt"])
+    return rec["prompt"], answer("chosen"), answer("rejected")
+
+
+def check_prompt(where, prompt):
+    """A prompt: a string, or a list of {role, content} messages ending with a user turn."""
+    if not (isinstance(prompt, str) or is_conversation(prompt)):
         raise common.InputError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
     if isinstance(prompt, list):
         roles = [m["role"] for m in prompt]
@@ -106,7 +135,6 @@ def conversation_parts(where, rec):
             raise common.InputError(
                 f"{where}: prompt must end with a user message (the answer answers it), ends with {roles[-1]!r}"
             )
-    return prompt, answer("chosen"), answer("rejected")
 
 
 def load_pairs(path, tok, max_length, limit=None, need_gap=True):
@@ -120,7 +148,7 @@ def load_pairs(path, tok, max_length, limit=None, need_gap=True):
             f"{path}: no pairs: denoising or the margin removed everything "
             "(loosen denoise.py --tau-quantile or pairs.py --delta)"
         )
-    rows = jsonl.read_jsonl(path, required=("prompt", "chosen", "rejected"))
+    rows = jsonl.read_jsonl(path, required=("chosen", "rejected"))  # a prompt may be implicit in them
     examples = []
     dropped = {"prompt_too_long": 0, "empty_answer": 0, "identical_after_truncation": 0, "truncated": 0}
     for n, where, rec in rows[:limit] if limit else rows:

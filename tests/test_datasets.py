@@ -7,7 +7,7 @@ import pytest
 import common
 import jsonl
 import preference_data
-from conftest import read_jsonl, run
+from conftest import read_jsonl, run, write_jsonl
 
 
 def write_json(path, obj):
@@ -131,3 +131,86 @@ def test_pairs_without_gap_train_with_simpo_and_are_refused_by_spa(tmp_path, tin
     g.write_text(json.dumps(dict(CONV, chosen_scores=[8, 6], rejected_scores=[3, 7])) + "\n")
     (ex,), _ = preference_data.load_pairs(g, tokenizer, 512)
     assert ex["gap"] == 4.0  # |8 + 6 - 3 - 7|
+
+
+def ultrafeedback_rows():
+    """The explicit form, and the same pairs in the shapes UltraFeedback-derived sets ship."""
+    rows = [("What is 2+2?", "It is 4.", "It is 5."), ("Name a colour.", "Blue.", "Loud.")]
+    explicit = [{"id": str(i), "prompt": q, "chosen": c, "rejected": r} for i, (q, c, r) in enumerate(rows)]
+    conv = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    with_prompt = [
+        {"id": str(i), "prompt": q, "chosen": conv(q, c), "rejected": conv(q, r)}  # binarized's shape
+        for i, (q, c, r) in enumerate(rows)
+    ]
+    without = [{"id": str(i), "chosen": conv(q, c), "rejected": conv(q, r)} for i, (q, c, r) in enumerate(rows)]
+    return explicit, with_prompt, without
+
+
+def test_implicit_prompt_pairs_read_as_their_explicit_form(tmp_path, tokenizer):
+    """chosen/rejected as whole conversations (with and without a `prompt` beside them, and
+    multi-turn) give the examples, token for token, of the same pairs written explicitly."""
+    explicit, with_prompt, without = ultrafeedback_rows()
+    want = preference_data.load_pairs(write_jsonl(tmp_path / "e.jsonl", explicit), tokenizer, 256, need_gap=False)[0]
+    for name, rows in (("w", with_prompt), ("wo", without)):
+        got = preference_data.load_pairs(write_jsonl(tmp_path / f"{name}.jsonl", rows), tokenizer, 256, need_gap=False)[
+            0
+        ]
+        assert [(e["chosen"], e["rejected"]) for e in got] == [(e["chosen"], e["rejected"]) for e in want]
+    context = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    multi = [
+        {
+            "chosen": [*context, {"role": "assistant", "content": "4."}],
+            "rejected": [*context, {"role": "assistant", "content": "5."}],
+        }
+    ]
+    twin = [
+        {
+            "prompt": context,
+            "chosen": [{"role": "assistant", "content": "4."}],
+            "rejected": [{"role": "assistant", "content": "5."}],
+        }
+    ]
+    a = preference_data.load_pairs(write_jsonl(tmp_path / "m.jsonl", multi), tokenizer, 256, need_gap=False)[0]
+    b = preference_data.load_pairs(write_jsonl(tmp_path / "t.jsonl", twin), tokenizer, 256, need_gap=False)[0]
+    assert (a[0]["chosen"], a[0]["rejected"]) == (b[0]["chosen"], b[0]["rejected"])
+
+
+def test_implicit_prompt_pairs_train_to_the_explicit_forms_loss(tmp_path, tiny_model_dir):
+    explicit, with_prompt, _ = ultrafeedback_rows()
+    args = ["--model", tiny_model_dir, "--loss", "simpo", "--batch-size", 2, "--grad-accum", 1, "--save-every", 0]
+    losses = []
+    for name, rows in (("e", explicit), ("w", with_prompt)):
+        run("train.py", "--input", write_jsonl(tmp_path / f"{name}.jsonl", rows), "--output", tmp_path / name, *args)
+        losses.append(read_jsonl(tmp_path / name / "metrics.jsonl")[-1]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "chosen,rejected,message",
+    [
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+            [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+            "do not share leading turns",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": "more"},
+            ],
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "y"}],
+            "one assistant message each",
+        ),
+    ],
+)
+def test_conversations_without_a_shared_prompt_are_refused_with_file_and_line(
+    tmp_path, tokenizer, chosen, rejected, message
+):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    with pytest.raises(common.InputError, match=rf"p\.jsonl:1: .*{message}"):
+        preference_data.load_pairs(f, tokenizer, 256, need_gap=False)
