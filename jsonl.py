@@ -23,7 +23,7 @@ def checked_path(path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".xlsx": "excel"}.get(path.suffix.lower())
+    fmt = {".csv": "csv", ".tsv": "csv", ".xlsx": "excel"}.get(path.suffix.lower())
     if fmt:
         raise InputError(
             f"{path}: {path.suffix} is not read here; convert it to JSONL first, e.g. "
@@ -66,10 +66,13 @@ def read_jsonl(path, required=(), allow_empty=False):
     of (number, location, record): number is the line (JSONL) or the 1-based index (array),
     location what an error names ("file:3" or "file: record 3"). Every record must be a JSON
     object holding the `required` keys; blank lines are skipped."""
-    path = checked_path(path)
-    with open(path, "rb") as f:
-        array = f.read(4096).lstrip()[:1] == b"["
-    rows = read_json_array(path, path.read_bytes()) if array else list(stream_jsonl(path))
+    if is_datasets_folder(path) or Path(path).suffix.lower() == ".parquet":
+        rows = read_columnar(Path(path))
+    else:
+        path = checked_path(path)
+        with open(path, "rb") as f:
+            array = f.read(4096).lstrip()[:1] == b"["
+        rows = read_json_array(path, path.read_bytes()) if array else list(stream_jsonl(path))
     for n, where, rec in rows:
         if not isinstance(rec, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -79,6 +82,40 @@ def read_jsonl(path, required=(), allow_empty=False):
     if not rows and not allow_empty:
         raise InputError(f"{path}: empty file (no records)")
     return rows
+
+
+def is_datasets_folder(path):
+    """A folder written by the datasets library's save_to_disk."""
+    return Path(path).is_dir() and (Path(path) / "dataset_info.json").is_file()
+
+
+def read_columnar(path):
+    """The rows of a Parquet file (with pyarrow) or of a `datasets` folder (save_to_disk, with
+    datasets), as read_jsonl gives them: (n, "file: row n", record). The package is imported
+    only here, and only when such an input is given; it is not a requirement."""
+    package = "datasets" if path.is_dir() else "pyarrow"
+    try:
+        if package == "datasets":
+            import datasets
+
+            table = datasets.load_from_disk(str(path))
+            rows = list(table["train"] if isinstance(table, datasets.DatasetDict) else table)
+        else:
+            import pyarrow.parquet
+
+            if not path.is_file():
+                raise InputError(f"{path}: no such file")
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+    except ModuleNotFoundError:
+        raise InputError(
+            f"{path}: reading it needs the package {package} (pip install {package}), which this "
+            "project does not require; or convert it to JSONL"
+        ) from None
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow's and datasets' own errors for a file they cannot read
+        raise InputError(f"{path}: cannot be read as {package} data ({type(e).__name__}: {e})") from None
+    return [(n, f"{path}: row {n}", rec) for n, rec in enumerate(rows, 1)]
 
 
 def read_json_array(path, data):

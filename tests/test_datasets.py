@@ -1,6 +1,7 @@
 """The paper's datasets as their authors ship them (small fixtures in each format)."""
 
 import json
+import sys
 
 import pytest
 
@@ -51,11 +52,34 @@ def test_jailbreak_trigger_label_list_and_mt_bench_turns(tmp_path):
     assert (r["id"], r["prompt"], r["category"]) == ("81", "Write a poem.", "writing")
 
 
-def test_parquet_and_csv_get_a_conversion_hint(tmp_path):
-    for name in ("train.parquet", "data.csv"):
-        (tmp_path / name).write_bytes(b"PAR1")
-        with pytest.raises(common.InputError, match=r"is not read here; convert it to JSONL first.*pandas"):
-            jsonl.read_prompts(tmp_path / name)
+def test_csv_gets_a_conversion_hint(tmp_path):
+    (tmp_path / "data.csv").write_bytes(b"prompt\nhi\n")
+    with pytest.raises(common.InputError, match=r"is not read here; convert it to JSONL first.*pandas"):
+        jsonl.read_prompts(tmp_path / "data.csv")
+
+
+def test_parquet_is_read_where_pyarrow_is_installed(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (an optional package)")
+    import pyarrow
+
+    rows = [{"question_id": 81, "turns": ["Write a poem.", "Shorter."], "category": "writing"}]
+    pq.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "q.parquet")
+    r = jsonl.read_prompts(tmp_path / "q.parquet", id_field="question_id")[0]
+    assert (r["id"], r["prompt"], r["category"]) == ("81", "Write a poem.", "writing")
+
+
+def test_parquet_and_datasets_folders_without_their_package_name_it(tmp_path, monkeypatch):
+    """Without pyarrow (or datasets) installed: an error naming the package, no traceback."""
+    (tmp_path / "train.parquet").write_bytes(b"PAR1")
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    for name in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails as if it were absent
+    with pytest.raises(common.InputError, match=r"train\.parquet: reading it needs the package pyarrow"):
+        jsonl.read_prompts(tmp_path / "train.parquet")
+    with pytest.raises(common.InputError, match=r"saved: reading it needs the package datasets"):
+        jsonl.read_jsonl(folder)
 
 
 def test_sample_reads_a_json_array_end_to_end(tmp_path, tiny_model_dir):
