@@ -5,6 +5,7 @@ step, train and held-out, an SVG written directly)."""
 import json
 import math
 
+import common
 import distributed
 import jsonl
 import markup
@@ -63,6 +64,8 @@ PANELS = (
     ("loss", "loss", "eval_loss"),
     ("reward margin", "rewards/margins", "eval_rewards/margins"),
     ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
+    ("chosen reward", "rewards/chosen", "eval_rewards/chosen"),
+    ("rejected reward", "rewards/rejected", "eval_rewards/rejected"),
 )
 COLOURS = {"train": "#264653", "eval": "#e76f51"}
 
@@ -99,8 +102,8 @@ def panel(title, lines, x0, y_top, width, height, max_step):
     return out
 
 
-def training_svg(rows, width=900, height=260):
-    """The three panels side by side for metrics rows (train.py's metrics.jsonl)."""
+def training_svg(rows, width=300 * len(PANELS), height=260):
+    """The panels side by side for metrics rows (train.py's metrics.jsonl)."""
     max_step = max((r["step"] for r in rows), default=0)
     w = width // len(PANELS)
     out = [
@@ -121,9 +124,10 @@ class Metrics:
     of step 0 for the evaluation before training) and its picture metrics.svg, rank 0 only. On
     --resume the rows after the checkpoint's step are dropped."""
 
-    def __init__(self, path, start):
+    def __init__(self, path, start, report_to="none", config=None):
         self.path = path
         self.rows = []  # what metrics.jsonl holds, drawn again after each row
+        self.tracker = tracker(report_to, path.parent, config or {}) if distributed.is_main() else None
         if distributed.is_main():
             if start and path.exists():  # a torn last line (a kill while appending) is left out
                 text = path.read_text()
@@ -138,3 +142,40 @@ class Metrics:
                 f.write((json.dumps(row) + "\n").encode())
             self.rows.append(row)
             jsonl.write_atomic(self.path.with_suffix(".svg"), training_svg(self.rows))
+            if self.tracker:
+                self.tracker(trl_names(row), row["step"])
+
+
+def trl_names(row):
+    """A metrics row under the names TRL's trainers log (train/rewards/chosen, eval/loss, ...)."""
+    return {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in row.items() if k != "step"}
+
+
+def tracker(report_to, out, config):
+    """--report-to: a function (metrics, step) that logs to TensorBoard (event files in
+    OUT/runs) or Weights & Biases, beside metrics.jsonl; None for "none". Each package is
+    imported only when asked for, and an error names it when it is absent."""
+    if report_to == "none":
+        return None
+    try:
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(out / "runs"))
+
+            def log(metrics, step):
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+
+            return log
+        import wandb
+
+        run = wandb.init(project="spa", dir=str(out), config=config)
+        return lambda metrics, step: run.log(metrics, step=step)
+    except ImportError as e:  # torch.utils.tensorboard raises a plain ImportError without tensorboard
+        package = "tensorboard" if report_to == "tensorboard" else "wandb"
+        raise common.InputError(
+            f"--report-to {report_to} needs the package {package} (pip install {package}); "
+            f"it is not a requirement ({e})"
+        ) from None

@@ -262,6 +262,12 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     add("--overwrite", action="store_true", help="start again in an output that holds a checkpoint")
     add("--seed", type=common.seed_int, default=0, help="random seed (default 0)")
+    add(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="also log TRL's metric names to TensorBoard (OUT/runs) or Weights & Biases (default none)",
+    )
     add("--limit", type=count, default=None, help="only the first N pairs")
     args = p.parse_args(argv)
     if args.beta is None:
@@ -321,7 +327,7 @@ def fit(args, out, tok, examples, held_out, dropped):
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
     start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
-    metrics = metrics_log.Metrics(out / "metrics.jsonl", start)
+    metrics = metrics_log.Metrics(out / "metrics.jsonl", start, args.report_to, vars(args))
     zero_gap = sum(e["gap"] == 0 for e in examples)
     n_train = sum(p.numel() for _, p in named)
     common.log(

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -317,3 +318,49 @@ def test_truncated_pairs_are_counted_and_those_cut_to_the_same_tokens_dropped(tm
     assert counts == {"prompt_too_long": 0, "empty_answer": 0, "identical_after_truncation": 1, "truncated": 1}
     ex, counts = preference_data.load_pairs(f, tokenizer, 10_000)  # nothing cut: both kept, none counted
     assert len(ex) == 2 and counts["truncated"] == counts["identical_after_truncation"] == 0
+
+
+def test_metrics_svg_draws_the_chosen_and_rejected_rewards(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    import metrics_log
+
+    rows = [{"step": 0, "eval_loss": 1.0, "eval_rewards/chosen": -2.0, "eval_rewards/rejected": -2.5}]
+    rows += [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "rewards/chosen": -2.0 - s,
+            "rewards/rejected": -3.0 - 2 * s,
+            "rewards/margins": 1.0 + s,
+            "rewards/accuracies": 0.5,
+        }
+        for s in (1, 2)
+    ]
+    root = ET.fromstring(metrics_log.training_svg(rows))
+    series = {
+        (g.get("data-panel"), g.get("data-name")): len(list(g.iter("{http://www.w3.org/2000/svg}circle")))
+        for g in root.iter("{http://www.w3.org/2000/svg}g")
+    }
+    assert series[("chosen reward", "train")] == 2 and series[("rejected reward", "train")] == 2
+    assert series[("chosen reward", "eval")] == 1 and series[("rejected reward", "eval")] == 1
+    assert metrics_log.trl_names(rows[0]) == {
+        "eval/loss": 1.0,
+        "eval/rewards/chosen": -2.0,
+        "eval/rewards/rejected": -2.5,
+    }
+
+
+def test_report_to_tensorboard_writes_event_files_or_names_the_package(tmp_path, monkeypatch):
+    import metrics_log
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "tensorboard", None)
+        with pytest.raises(common.InputError, match="--report-to tensorboard needs the package tensorboard"):
+            metrics_log.tracker("tensorboard", tmp_path, {})
+        pytest.skip("tensorboard is not installed (an optional package): its absence is what was tested")
+    m = metrics_log.Metrics(tmp_path / "metrics.jsonl", 0, "tensorboard")
+    m.write({"step": 1, "loss": 0.5, "rewards/chosen": -1.0})
+    assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
