@@ -78,7 +78,7 @@ def generate_responses(path, prompts, models, args):
             engine = server or generation.LocalModel(*common.load_for_inference(model_path))
             for batch in common.progress(batches, desc=f"answer {name}"):
                 texts = engine.generate(
-                    [generation.user_turn(r["prompt"]) for r in batch],
+                    [generation.prompt_turns(r["prompt"]) for r in batch],
                     max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature,
                     batch_size=len(batch),
@@ -228,7 +228,7 @@ def main():
     for model_path in local:  # every prompt checked against each local model's context before the first batch
         generation.check_all_fit(
             common.load_tokenizer(model_path),
-            [generation.user_turn(p["prompt"]) for p in prompts],
+            [generation.prompt_turns(p["prompt"]) for p in prompts],
             [p["id"] for p in prompts],
             args.max_new_tokens,
             model_path,

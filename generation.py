@@ -100,6 +100,24 @@ def user_turn(prompt, system=None):
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
+def prompt_turns(prompt, system=None):
+    """The conversation a prompt record asks to answer: a string is one user turn; a list of
+    messages ending with a user turn (TRL's conversational prompt, MT-Bench's second turn) is
+    answered as it stands, `system` put first unless it has a system message of its own."""
+    if isinstance(prompt, str):
+        return user_turn(prompt, system)
+    has_system = prompt[0]["role"] == "system"
+    return ([] if has_system or not system else [{"role": "system", "content": system}]) + list(prompt)
+
+
+def prompt_text(prompt):
+    """A prompt as text inside another prompt (the judge's, the refinement's): a string as it is;
+    a conversation as its turns, one "Role: content" paragraph each."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
 def row_seed(*parts):
     """A 63-bit seed from its parts (the seed, a row's key), the same in every process and on
     every machine (no Python hash randomisation)."""
@@ -237,6 +255,9 @@ def truncate_prompts(tok, records, systems, max_new_tokens, context):
         )
     out, cut = [], 0
     for r in records:
+        if not isinstance(r["prompt"], str):  # a conversation is not cut: it is checked whole
+            out.append(r)
+            continue
         ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
         if len(ids) > room:
             r, cut = dict(r, prompt=tok.decode(ids[:room]), prompt_truncated=True), cut + 1

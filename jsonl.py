@@ -134,6 +134,27 @@ def read_json_array(path, data):
     return [(n, f"{path}: record {n}", rec) for n, rec in enumerate(items, 1)]
 
 
+def check_conversation(where, messages, field="prompt"):
+    """A conversation given as a prompt: {role, content} messages of the known roles, a system
+    message only first, the last a user turn (the one the answer answers)."""
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise InputError(f"{where}: {field} must be a string or a list of {{role, content}} messages")
+    roles = [m["role"] for m in messages]
+    unknown = sorted(set(roles) - {"system", "user", "assistant"})
+    if unknown:
+        raise InputError(
+            f"{where}: {field} has messages of unknown role {unknown[0]!r} (known: system, user, assistant)"
+        )
+    if "system" in roles[1:]:
+        raise InputError(f"{where}: {field} has a system message after its first message")
+    if roles[-1] != "user":
+        raise InputError(
+            f"{where}: {field} must end with a user message (the answer answers it), ends with {roles[-1]!r}"
+        )
+
+
 def claim_id(where, rec, seen):
     """Check that rec's id (already a string) is new, and remember it."""
     if rec["id"] in seen:
@@ -162,8 +183,13 @@ def read_prompts(path, prompt_field=None, limit=None, id_field="id", category_fi
                 f"keys present: {sorted(rec)}); use --prompt-field"
             )
         prompt = first_if_list(rec[field]) if field == "turns" else rec[field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{where}: field {field!r} must be a non-empty string, got {type(rec[field]).__name__}")
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            check_conversation(where, prompt, field)  # a conversation to answer: its last user turn
+        elif not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(
+                f"{where}: field {field!r} must be a non-empty string or a list of messages ending "
+                f"with a user turn, got {type(rec[field]).__name__}"
+            )
         rec = dict(rec, id=str(first_if_list(rec.get(id_field, n))), prompt=prompt)
         if category_field in rec:
             rec["category"] = first_if_list(rec[category_field])

@@ -63,7 +63,9 @@ def judge_conversation(objective, prompt, answer):
     if objective not in OBJECTIVES:
         raise common.InputError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     text = common.load_prompt(f"score_{objective}.txt").format(
-        constitution=common.load_prompt("constitution.txt").strip(), prompt=prompt, answer=answer
+        constitution=common.load_prompt("constitution.txt").strip(),
+        prompt=generation.prompt_text(prompt),
+        answer=answer,
     )
     return generation.user_turn(text)
 
@@ -72,7 +74,7 @@ def pairwise_conversation(objective, prompt, answer_a, answer_b):
     """The judge's one-turn conversation asking which of two answers is better on the objective."""
     text = common.load_prompt("pairwise.txt").format(
         constitution=common.load_prompt("constitution.txt").strip(),
-        prompt=prompt,
+        prompt=generation.prompt_text(prompt),
         answer_a=answer_a,
         answer_b=answer_b,
         objective=objective,

@@ -123,18 +123,7 @@ def check_prompt(where, prompt):
     if not (isinstance(prompt, str) or is_conversation(prompt)):
         raise common.InputError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
     if isinstance(prompt, list):
-        roles = [m["role"] for m in prompt]
-        unknown = sorted(set(roles) - {"system", "user", "assistant"})
-        if unknown:
-            raise common.InputError(
-                f"{where}: prompt has messages of unknown role {unknown[0]!r} (known: system, user, assistant)"
-            )
-        if "system" in roles[1:]:
-            raise common.InputError(f"{where}: prompt has a system message after its first message")
-        if roles[-1] != "user":
-            raise common.InputError(
-                f"{where}: prompt must end with a user message (the answer answers it), ends with {roles[-1]!r}"
-            )
+        jsonl.check_conversation(where, prompt)
 
 
 def load_pairs(path, tok, max_length, limit=None, need_gap=True):

@@ -39,7 +39,7 @@ def refine_conversation(rec):
     )
     text = common.load_prompt("refine.txt").format(
         constitution=common.load_prompt("constitution.txt").strip(),
-        prompt=rec["prompt"],
+        prompt=generation.prompt_text(rec["prompt"]),
         objective_a=obj_a,
         objective_b=obj_b,
         objective_a_adj=ADJECTIVE[obj_a],

@@ -37,7 +37,7 @@ def candidate_variants(n, systems, temperatures):
 def sample_batch(engine, batch, variants, system_texts, args):
     """Candidates for a batch of prompt records, all in one call of the model (local or served):
     a row per (prompt, candidate), each with its own system prompt, temperature and random stream."""
-    convs = [generation.user_turn(r["prompt"], system_texts[s]) for r in batch for s, _ in variants]
+    convs = [generation.prompt_turns(r["prompt"], system_texts[s]) for r in batch for s, _ in variants]
     temps = [t for _ in batch for _, t in variants]
     keys = [f"{r['id']}/{k}" for r in batch for k in range(len(variants))]
     texts = engine.generate(
@@ -132,7 +132,7 @@ def main():
         longest = max((system_texts[s] for s in systems), key=overhead)
         generation.check_all_fit(
             tok,
-            [generation.user_turn(r["prompt"], longest) for r in records],
+            [generation.prompt_turns(r["prompt"], longest) for r in records],
             [r["id"] for r in records],
             args.max_new_tokens,
             args.model,

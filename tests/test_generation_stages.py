@@ -126,3 +126,67 @@ def test_end_to_end_on_the_real_model(tmp_path, real_model_dir):
         ref = r["refined"]
         assert ref["text"].strip() and set(ref) >= {"text", "score_a", "score_b"}
         assert all(s is None or 1 <= s <= 10 for s in (ref["score_a"], ref["score_b"]))
+
+
+def test_a_conversation_as_the_prompt_is_sampled_scored_refined_and_evaluated(tmp_path, tiny_model_dir):
+    """A prompt given as messages ending with a user turn (TRL's conversational prompt,
+    MT-Bench's second turn): every stage keeps it in the record, the candidates answer its last
+    turn with the earlier turns before it, and the judge reads the whole exchange."""
+    import generation
+    import judging
+
+    talk = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Is it safe to stare at the sun?"},
+    ]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "c", "prompt": talk}, {"id": "s", "prompt": "Hi?"}])
+    m = ["--model", tiny_model_dir]
+    run(
+        "sample.py",
+        "--input",
+        prompts,
+        "--output",
+        tmp_path / "s.jsonl",
+        *m,
+        "--num-candidates",
+        2,
+        "--max-new-tokens",
+        4,
+    )
+    run("score.py", "--input", tmp_path / "s.jsonl", "--output", tmp_path / "sc.jsonl", *m, "--mode", "logits")
+    run(
+        "refine.py",
+        "--input",
+        tmp_path / "sc.jsonl",
+        "--output",
+        tmp_path / "r.jsonl",
+        *m,
+        "--mode",
+        "logits",
+        "--max-new-tokens",
+        4,
+    )
+    run(
+        "evaluate.py",
+        "--input",
+        prompts,
+        "--output",
+        tmp_path / "ev",
+        *m,
+        "--judge",
+        tiny_model_dir,
+        "--mode",
+        "logits",
+        "--max-new-tokens",
+        4,
+    )
+    for f in ("s.jsonl", "sc.jsonl", "r.jsonl", "ev/responses.jsonl"):
+        assert read_jsonl(tmp_path / f)[0]["prompt"] == talk, f
+    turns = generation.prompt_turns(talk, "Be careful.")
+    assert turns[0] == {"role": "system", "content": "Be careful."} and turns[1:] == talk
+    judged = judging.judge_conversation("harmlessness", talk, "No.")[-1]["content"]
+    assert "User: Name a colour.\n\nAssistant: Blue.\n\nUser: Is it safe to stare at the sun?" in judged
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "prompt": talk[:2]}])  # ends with the assistant
+    p = run("sample.py", "--input", bad, "--output", tmp_path / "b_out.jsonl", *m, check=False)
+    assert p.returncode == 2 and "b.jsonl:1: prompt must end with a user message" in p.stderr
