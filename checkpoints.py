@@ -201,9 +201,10 @@ def save_dtype(flag, model_name):
     return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
 
 
-def save_final(out, lm, state_dict, tok, config):
+def save_final(out, lm, state_dict, tok, config, adapter=None):
     """Rank 0: save_pretrained into a temporary folder, then move the files in with
-    config.json last: the output only looks like a model once every weight file is there."""
+    config.json last: the output only looks like a model once every weight file is there.
+    adapter: (adapter_config, tensors) of a LoRA run, written as PEFT does into adapter/."""
     tmp = jsonl.fresh_dir(out / "final.tmp")
     lm.config.use_cache = True
     lm.save_pretrained(tmp, state_dict=state_dict)
@@ -211,6 +212,10 @@ def save_final(out, lm, state_dict, tok, config):
     saved["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")  # dtype: the state's
     jsonl.write_atomic(tmp / "config.json", json.dumps(saved, indent=2) + "\n")
     tok.save_pretrained(tmp)
+    if adapter:
+        (tmp / "adapter").mkdir()
+        jsonl.write_atomic(tmp / "adapter" / "adapter_config.json", json.dumps(adapter[0], indent=2) + "\n")
+        save_file(adapter[1], tmp / "adapter" / "adapter_model.safetensors")
     jsonl.write_atomic(tmp / "train_config.json", json.dumps(config, indent=2) + "\n")
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)

@@ -72,3 +72,30 @@ def merge(state_dict, scale):
             value = value.float() + scale * (b @ a)
         out[key] = value
     return out
+
+
+def peft_adapter(state_dict, rank, alpha, targets, base_model):
+    """The adapters as PEFT writes them, without PEFT: (adapter_config.json's dict, the tensors of
+    adapter_model.safetensors), so `PeftModel.from_pretrained(base, OUT/adapter)` and vLLM's LoRA
+    serving load them onto the base (A and B as PEFT names them, float32)."""
+    tensors = {
+        f"base_model.model.{key[: -len('lora_A')]}lora_{side}.weight": state_dict[key[: -len("A")] + side].float()
+        for key in state_dict
+        if key.endswith(".lora_A")
+        for side in ("A", "B")
+    }
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+    return config, tensors

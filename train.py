@@ -388,6 +388,9 @@ def fit(args, out, tok, examples, held_out, dropped):
             checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
     state = checkpoints.full_state_dict(policy.lm)
     if distributed.is_main():
+        adapter = args.lora_rank and lora.peft_adapter(
+            state, args.lora_rank, args.lora_alpha, args.lora_targets, args.model
+        )
         if args.lora_rank:
             state = lora.merge(state, args.lora_alpha / args.lora_rank)
         dtype = checkpoints.save_dtype(args.save_dtype, args.model)
@@ -403,7 +406,7 @@ def fit(args, out, tok, examples, held_out, dropped):
             world_size=distributed.WORLD,
             mixed_precision_bf16=bf16,
         )
-        checkpoints.save_final(out, policy.lm, state, tok, config)
+        checkpoints.save_final(out, policy.lm, state, tok, config, adapter or None)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
     distributed.barrier()
     common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")

@@ -283,3 +283,45 @@ def test_the_final_model_is_saved_in_the_starting_models_dtype(tmp_path, tiny_mo
         m = AutoModelForCausalLM.from_pretrained(d)
         assert m.dtype == dtype and (d / "generation_config.json").is_file()
         assert AutoTokenizer.from_pretrained(d).chat_template
+
+
+def test_a_lora_run_writes_adapters_peft_loads_onto_the_base(tmp_path, tiny_model_dir):
+    """adapter/ holds PEFT's files, written without PEFT: PeftModel puts them on the base and
+    gives the logits of the merged model train.py saved beside them."""
+    peft = pytest.importorskip("peft", reason="peft is a test-only package (make test installs it)")
+    from transformers import AutoModelForCausalLM
+
+    pairs = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "a b c", "rejected": "d", "gap": 1} for i in range(4)]
+    )
+    run(
+        "train.py",
+        "--input",
+        pairs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "m",
+        "--lora-rank",
+        4,
+        "--lora-alpha",
+        8,
+        "--lr",
+        1e-2,
+        "--batch-size",
+        2,
+        "--grad-accum",
+        1,
+        "--save-every",
+        0,
+    )
+    cfg = json.loads((tmp_path / "m" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "m" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.tensor([[1, 5, 9, 200, 3000, 7]])
+    with torch.no_grad():
+        a, b = adapted(ids).logits, merged(ids).logits
+    assert (a - AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits).abs().max() > 1e-3  # it moved
+    assert torch.allclose(a, b, atol=1e-4)
