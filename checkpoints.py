@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 import common
 import distributed
 import jsonl
+import lora
 
 STATE = "trainer_state.json"
 MAY_CHANGE_ON_RESUME = (
@@ -199,6 +200,23 @@ def save_dtype(flag, model_name):
     named = getattr(common.model_config(model_name), "dtype", None)
     named = getattr(torch, named) if isinstance(named, str) else named
     return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
+def save_trained(out, lm, tok, args, facts):
+    """The trained model, once training ends: gathered to rank 0, LoRA's adapters merged (and
+    written as PEFT's files too), cast to --save-dtype, saved with train_config.json (the flags
+    and `facts`); the checkpoint it supersedes removed."""
+    state = full_state_dict(lm)
+    if distributed.is_main():
+        adapter = None
+        if args.lora_rank:
+            adapter = lora.peft_adapter(state, args.lora_rank, args.lora_alpha, args.lora_targets, args.model)
+            state = lora.merge(state, args.lora_alpha / args.lora_rank)
+        dtype, cast = save_dtype(args.save_dtype, args.model), {}  # tied tensors stay one tensor
+        state = {k: cast.setdefault(id(v), v.to(dtype)) for k, v in state.items()}
+        save_final(out, lm, state, tok, dict(vars(args), **facts), adapter)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    distributed.barrier()
 
 
 def save_final(out, lm, state_dict, tok, config, adapter=None):

@@ -14,13 +14,11 @@ answers go through the model in one forward (policy_model.py).
     torchrun --nproc_per_node 8 train.py ...             FSDP2 over 8 GPUs (full fine-tune)
     python train.py ... --lora-rank 16                   one GPU, an 8B model: LoRA
 
-The trained weights are float32 master weights, always; `--mixed-precision` computes in bf16
-(FSDP2's MixedPrecisionPolicy under torchrun, autocast in one process). --batch-size is per
-device: the optimizer batch is batch-size x grad-accum x world size, and N ranks x batch B
-make the same steps as 1 rank x batch N*B. The output directory gets save_pretrained
-(safetensors, in the starting model's dtype unless --save-dtype says) with the tokenizer and
-chat template, train_config.json and metrics.jsonl (a row per optimizer step); while
-training it also holds checkpoint/ for --resume.
+Training keeps float32 master weights; `--mixed-precision` computes in bf16 (FSDP2's policy
+under torchrun, autocast in one process). --batch-size is per device: the optimizer batch is
+batch-size x grad-accum x world size. The output gets the model (in the starting model's dtype
+unless --save-dtype says), tokenizer, chat template, train_config.json and metrics.jsonl (a
+row per step); while training, checkpoint/ for --resume.
 """
 
 import argparse
@@ -334,17 +332,15 @@ def fit(args, out, tok, examples, held_out, dropped):
         f"train: {len(examples)} pairs ({dropped['prompt_too_long']} dropped with a prompt over --max-length, "
         f"{dropped['empty_answer']} with an empty answer, {dropped['identical_after_truncation']} with chosen and "
         f"rejected the same once cut; {dropped['truncated']} kept with an answer cut to --max-length; "
-        f"{zero_gap} with gap 0), {len(held_out)} held-out "
-        f"pairs, {len(plan)} steps of {args.batch_size} per device x {args.grad_accum} accumulation x "
-        f"{distributed.WORLD} process(es) = {args.batch_size * args.grad_accum * distributed.WORLD} pairs; "
-        f"loss {args.loss}, device {common.device()}, {'bf16 compute' if bf16 else 'float32'} over float32 "
-        f"master weights, {'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained "
-        "parameters",
+        f"{zero_gap} with gap 0), {len(held_out)} held-out pairs, {len(plan)} steps of {args.batch_size} per device "
+        f"x {args.grad_accum} accumulation x {distributed.WORLD} process(es) = "
+        f"{args.batch_size * args.grad_accum * distributed.WORLD} pairs; loss {args.loss}, device {common.device()}, "
+        f"{'bf16 compute' if bf16 else 'float32'} over float32 master weights, "
+        f"{'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained parameters",
         file=sys.stderr,
     )
-    evaluate_now = lambda step: (
-        held_out and (step == 0 or step == len(plan) or args.eval_every and step % args.eval_every == 0)
-    )
+    every = args.eval_every
+    evaluate_now = lambda step: held_out and (step == 0 or step == len(plan) or every and step % every == 0)
     if start == 0 and evaluate_now(0):
         metrics.write({"step": 0, **evaluate_pairs(policy, held_out, args, pad_id, eval_ref)})
 
@@ -386,29 +382,16 @@ def fit(args, out, tok, examples, held_out, dropped):
         )
         if args.save_every and (step + 1) % args.save_every == 0:
             checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
-    state = checkpoints.full_state_dict(policy.lm)
-    if distributed.is_main():
-        adapter = args.lora_rank and lora.peft_adapter(
-            state, args.lora_rank, args.lora_alpha, args.lora_targets, args.model
-        )
-        if args.lora_rank:
-            state = lora.merge(state, args.lora_alpha / args.lora_rank)
-        dtype = checkpoints.save_dtype(args.save_dtype, args.model)
-        cast = {}  # tied tensors stay one tensor
-        state = {k: cast.setdefault(id(v), v.to(dtype)) for k, v in state.items()}
-        config = dict(
-            vars(args),
-            pairs=len(examples),
-            held_out_pairs=len(held_out),
-            dropped=dropped,
-            zero_gap_pairs=zero_gap,
-            steps=len(plan),
-            world_size=distributed.WORLD,
-            mixed_precision_bf16=bf16,
-        )
-        checkpoints.save_final(out, policy.lm, state, tok, config, adapter or None)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the final model supersedes it
-    distributed.barrier()
+    facts = dict(
+        pairs=len(examples),
+        held_out_pairs=len(held_out),
+        dropped=dropped,
+        zero_gap_pairs=zero_gap,
+        steps=len(plan),
+        world_size=distributed.WORLD,
+        mixed_precision_bf16=bf16,
+    )
+    checkpoints.save_trained(out, policy.lm, tok, args, facts)
     common.log(f"train: {len(plan)} steps on {len(examples)} pairs -> {out}")
 
 

@@ -184,3 +184,50 @@ def test_a_server_that_does_not_continue_the_rating_turn_gets_a_clear_error(serv
     judge = judging.HttpJudge(api_base=server.replace("/v1", "/nocontinue/v1"), model="m", mode="logits")
     with pytest.raises(judging.common.InputError, match="did not continue the assistant turn"):
         judge.ratings([("q", "a")], "harmlessness")
+
+
+class NoSystem(BaseHTTPRequestHandler):
+    """A server whose template refuses a system role (as vLLM answers for Mistral-7B-Instruct): 400."""
+
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        NoSystem.seen.append(body["messages"])
+        if body["messages"][0]["role"] == "system":
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        send_chat_reply(self, "fine", "length")  # cut at max_tokens: still an answer when sampling
+
+    def log_message(self, *a):
+        pass
+
+
+def test_a_served_template_without_a_system_role_gets_the_system_text_folded(tmp_path):
+    NoSystem.seen = []
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
+    with http_server(NoSystem) as base:
+        p = run_here(
+            "sample.py",
+            "--input",
+            prompts,
+            "--output",
+            tmp_path / "s.jsonl",
+            "--api-base",
+            base + "/v1",
+            "--api-model",
+            "m",
+            "--num-candidates",
+            2,
+            "--systems",
+            "careful",
+            "--api-concurrency",
+            1,
+        )
+    assert p.returncode == 0, p.stderr[-800:]
+    careful = json.loads((generation.common.PROMPTS_DIR / "systems.json").read_text())["careful"]
+    assert NoSystem.seen[0][0]["role"] == "system"  # asked once as it is, refused
+    assert NoSystem.seen[-1] == [{"role": "user", "content": f"{careful}\n\n{PROMPTS[0]['prompt']}"}]
+    assert [c["text"] for c in read_jsonl(tmp_path / "s.jsonl")[0]["candidates"]] == ["fine", "fine"]
