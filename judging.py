@@ -306,51 +306,45 @@ class HttpJudge(Judge):
 
 def add_judge_args(p, judge_help):
     """The judge's flags; judge_help says what --judge defaults to in this stage."""
-    p.add_argument(
+    add, count = p.add_argument, common.positive_int
+    add(
         "--mode",
         choices=MODES,
         default="auto",
-        help="generate: reason then 'Rating: N'; logits: most likely rating in one forward "
-        "pass; logits-expected: the expected rating, rounded (for weak judges); auto (default): "
+        help="generate: reason then 'Rating: N'; logits: most likely "
+        "rating in one forward pass; logits-expected: the expected rating, rounded (for weak judges); auto (default): "
         "logits-expected for the embedded default model, generate for any other judge",
     )
-    p.add_argument("--judge", default=None, help=f"local judge model ({judge_help})")
-    p.add_argument(
+    add("--judge", default=None, help=f"local judge model ({judge_help})")
+    add(
         "--judge-api-base",
         default=None,
         help="OpenAI-compatible API base URL, e.g. http://host/v1 (key in $OPENAI_API_KEY); instead of a local judge",
     )
-    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
-    p.add_argument(
-        "--judge-concurrency",
-        type=common.positive_int,
-        default=8,
-        help="HTTP judge requests in flight at once (default 8)",
-    )
-    p.add_argument(
+    add("--judge-model", default="gpt-4o", help="model name sent to the endpoint (default gpt-4o)")
+    add("--judge-concurrency", type=count, default=8, help="HTTP judge requests in flight at once (default 8)")
+    add(
         "--judge-timeout",
         type=common.positive,
         default=60.0,
         help="seconds an HTTP judge request may take in all, before it is retried (default 60)",
     )
-    p.add_argument(
-        "--backoff", type=common.non_negative, default=1.0, help="first HTTP retry delay in seconds (default 1)"
-    )
-    p.add_argument(
+    add("--backoff", type=common.non_negative, default=1.0, help="first HTTP retry delay in seconds (default 1)")
+    add(
         "--judge-max-tokens",
-        type=common.positive_int,
+        type=count,
         default=None,
         help="tokens the judge may write in generate mode (default 48 for a local judge, 256 for an endpoint)",
     )
-    p.add_argument(
+    add(
         "--max-unreadable",
         type=common.fraction,
         default=0.5,
         help="stop when more than this share of the ratings asked (16 at least) had no readable reply (default 0.5)",
     )
-    p.add_argument(
+    add(
         "--judge-batch-size",
-        type=common.positive_int,
+        type=count,
         default=16,
         help="judgements per forward or generate call of a local judge (default 16)",
     )
