@@ -1,7 +1,7 @@
 """An OpenAI-compatible /chat/completions endpoint (vLLM, SGLang, llama.cpp's server, a hosted
 API), standard library only: the judge of --judge-api-base and the served model of --api-base.
 
-The key ($OPENAI_API_KEY) goes to the host of --judge-api-base and nowhere else: a redirect
+The key ($OPENAI_API_KEY) goes to the configured URL's host and nowhere else: a redirect
 is refused (never followed, never sent the key), a proxy from the environment is used only
 for https (a tunnel: the proxy never sees the headers), and a URL that carries credentials
 itself is refused. The URL is parsed once (api_url): scheme, host, port, path and query; the
@@ -14,6 +14,7 @@ when it is complete (finish_reason "stop") and has text: one cut at max_tokens, 
 (content null) or holding only tool calls is no answer (None).
 """
 
+import functools
 import hashlib
 import http.client
 import json
@@ -36,35 +37,37 @@ class Redirected(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def split_url(url):
-    """urllib's parts of a URL, or an InputError naming it (a bracket left open, a bad port)."""
+def split_url(url, flag="--judge-api-base"):
+    """urllib's parts of a URL, or an InputError naming its flag (a bracket left open, a bad port)."""
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018  (raises on a port out of range or not a number)
     except ValueError as e:
-        raise common.InputError(f"--judge-api-base: not a URL that can be used ({e})") from None
+        raise common.InputError(f"{flag}: not a URL that can be used ({e})") from None
     return parts
 
 
-def check_api_base(api_base):
-    """An http(s) URL without credentials, fragment or bad port; returns it as given."""
-    parts = split_url(api_base)
+def check_api_base(api_base, flag="--judge-api-base"):
+    """An http(s) URL without credentials, fragment or bad port (errors name `flag`); returns it as given."""
+    parts = split_url(api_base, flag)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise common.InputError(f"--judge-api-base must be an http:// or https:// URL, got {shown_url(api_base)!r}")
+        raise common.InputError(f"{flag} must be an http:// or https:// URL, got {shown_url(api_base)!r}")
     if parts.username is not None or parts.password is not None:
         raise common.InputError(
-            f"--judge-api-base {shown_url(api_base)}: holds credentials; give the key in $OPENAI_API_KEY instead"
+            f"{flag} {shown_url(api_base)}: holds credentials; give the key in $OPENAI_API_KEY instead"
         )
     if parts.fragment or api_base.endswith("#"):
-        raise common.InputError(f"--judge-api-base {shown_url(api_base)}: has a fragment (#...), which is never sent")
+        raise common.InputError(f"{flag} {shown_url(api_base)}: has a fragment (#...), which is never sent")
     if parts.port == 0:
-        raise common.InputError(f"--judge-api-base {shown_url(api_base)}: port 0")
+        raise common.InputError(f"{flag} {shown_url(api_base)}: port 0")
     return api_base
 
 
+@functools.lru_cache(maxsize=None)
 def api_url(api_base, endpoint):
     """The URL of `endpoint` (e.g. "chat/completions") under the API base: its path after the
-    base's path, the base's query kept after it (Azure's ?api-version=...)."""
+    base's path, the base's query kept after it (Azure's ?api-version=...). Parsed once per
+    base, not once per request."""
     p = split_url(check_api_base(api_base))
     return urllib.parse.urlunsplit((p.scheme, p.netloc, p.path.rstrip("/") + "/" + endpoint, p.query, ""))
 

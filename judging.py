@@ -95,7 +95,7 @@ def rating_token_ids(tok):
 
 
 @torch.no_grad()
-def rating_distribution(model, tok, conversations, batch_size=16, max_batch_tokens=None):
+def rating_distribution(model, tok, conversations, batch_size=16, max_batch_tokens=generation.MAX_BATCH_TOKENS):
     """P(rating = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), from one forward
     pass per batch. Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the token
     '1' is appended, so the same pass also gives P('0' | '1'): P(10) = P('1') P('0' | '1') and
@@ -113,7 +113,7 @@ def rating_distribution(model, tok, conversations, batch_size=16, max_batch_toke
         digits,
         then=ids[0][0] if two else None,
         batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens or generation.MAX_BATCH_TOKENS,
+        max_batch_tokens=max_batch_tokens,
     )
     p = lp[:, 0].exp()  # (N, 10): P(1..9) as a first token, then P('10') or, if two tokens, P('0') as a first token
     if two:
@@ -196,10 +196,10 @@ class LocalJudge(Judge):
     """A transformers model as the judge, greedy: `max_tokens` per written reply,
     `batch_size` judgements per generate call or forward pass."""
 
-    def __init__(self, model, tok, *, mode, max_tokens=48, batch_size=16, max_batch_tokens=None):
+    def __init__(self, model, tok, *, mode, max_tokens=48, batch_size=16, max_batch_tokens=generation.MAX_BATCH_TOKENS):
         self.model, self.tok, self.mode = model, tok, mode
         self.max_tokens, self.batch_size = max_tokens, batch_size
-        self.max_batch_tokens = max_batch_tokens or generation.MAX_BATCH_TOKENS
+        self.max_batch_tokens = max_batch_tokens
 
     def rating_probs(self, conversations):
         return rating_distribution(self.model, self.tok, conversations, self.batch_size, self.max_batch_tokens)

@@ -21,7 +21,7 @@ class ServedModel:
     """generate(conversations, **settings) -> answers (input order), as generation.LocalModel."""
 
     def __init__(self, api_base, model, concurrency=32, timeout=600.0, backoff=1.0):
-        self.api_base, self.model = chat_api.check_api_base(api_base), model
+        self.api_base, self.model = chat_api.check_api_base(api_base, "--api-base"), model
         self.concurrency, self.timeout, self.backoff = concurrency, timeout, backoff
         self.fold = False  # the server's template refuses a system role: learnt from its first refusal
 

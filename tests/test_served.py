@@ -231,3 +231,16 @@ def test_a_served_template_without_a_system_role_gets_the_system_text_folded(tmp
     assert NoSystem.seen[0][0]["role"] == "system"  # asked once as it is, refused
     assert NoSystem.seen[-1] == [{"role": "user", "content": f"{careful}\n\n{PROMPTS[0]['prompt']}"}]
     assert [c["text"] for c in read_jsonl(tmp_path / "s.jsonl")[0]["candidates"]] == ["fine", "fine"]
+
+
+def test_a_bad_served_url_is_refused_naming_api_base(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    for url, message in (
+        ("http://user:pw@127.0.0.1:9/v1", "--api-base http://127.0.0.1:9/v1: holds credentials"),
+        ("http://[::1/v1", "--api-base: not a URL that can be used"),
+    ):
+        p = run_here(
+            "sample.py", "--input", prompts, "--output", tmp_path / "s.jsonl", "--api-base", url, "--api-model", "m"
+        )
+        refused(p, message)
+        assert not (tmp_path / "s.jsonl").exists()
