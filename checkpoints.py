@@ -1,22 +1,28 @@
 """train.py's files: resumable checkpoints and the final model, with one process or many.
 
-A checkpoint is data, never pickled code: OUT/checkpoint/ holds one safetensors file per
-rank (that rank's shards of the trained parameters, of AdamW's state, and its RNG state)
-and trainer_state.json (step, scheduler, the plan it belongs to), written last. Sharded
-files cost each rank only its share of memory and disk (an 8B full fine-tune on 8 GPUs:
-16 GB each, against 128 GB gathered on one rank), at the price that --resume needs the same
-world size: the plan check says so. A new checkpoint is written to checkpoint.tmp and
-renamed over the old one; a crash between the renames leaves a complete checkpoint.old or
-checkpoint.tmp, which loading falls back to.
+A checkpoint is torch.distributed.checkpoint's (DCP) folder, data and never pickled code:
+every rank writes its own shards of the trained parameters and of AdamW's state, with the
+RNG state, and a .metadata file that maps the shards onto the whole tensors; then rank 0
+writes trainer_state.json (step, scheduler, the plan it belongs to), last. No rank gathers
+the model (an 8B full fine-tune on 8 GPUs: 12 GB a rank, not 96 GB on one), and loading
+reshards: a run saved by 8 processes resumes with 4, or with 1, as long as the optimizer
+batch (batch size x accumulation x processes) is the same, which makes the steps the same
+(preference_data.make_plan). A new checkpoint is written to checkpoint.tmp and renamed over
+the old one; a crash between the renames leaves a complete checkpoint.old or checkpoint.tmp,
+which loading falls back to.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 import common
@@ -34,7 +40,9 @@ MAY_CHANGE_ON_RESUME = (
     "save_every",
     "eval_input",
     "eval_every",
-)  # the pairs themselves are checked by their digest
+    "batch_size",
+    "grad_accum",
+)  # the pairs themselves are checked by their digest, the batches by the optimizer batch
 
 
 def plan_info(args, examples, n_steps):
@@ -45,7 +53,7 @@ def plan_info(args, examples, n_steps):
     return {
         "pairs": digest,
         "steps": n_steps,
-        "world_size": distributed.WORLD,
+        "optimizer_batch": args.batch_size * args.grad_accum * distributed.WORLD,
         "weights": common.model_fingerprint(args.model),
         "cpu_speed": common.cpu_speed_module() is not None,
         **flags,
@@ -70,17 +78,23 @@ def check_output(out, args):
         raise common.InputError(f"{out}: holds a checkpoint; continue it with --resume or start again with --overwrite")
 
 
-def local(t):
-    """This rank's shard of a (possibly FSDP-sharded) tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
+def training_state(policy, opt):
+    """What a checkpoint holds, as DCP saves and loads it: the trained parameters (frozen ones
+    left out: a LoRA run saves its adapters) and AdamW's state, each rank its shards, by name."""
+    model, optim = get_state_dict(policy, opt, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model, "optim": optim, "rng": torch.get_rng_state()}
 
 
-def rank_file(directory, rank):
-    return directory / f"rank{rank}.safetensors"
+@contextlib.contextmanager
+def one_process_quiet():
+    """DCP warns, on every save and load without a process group, that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
-def save_checkpoint(out, named_params, opt, sched, step, plan_info):
-    """Every rank writes its shards; rank 0 writes trainer_state.json and swaps the folders."""
+def save_checkpoint(out, policy, opt, sched, step, plan_info):
+    """Every rank writes its shards (DCP); rank 0 writes trainer_state.json and swaps the folders."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     error = None
     if distributed.is_main():
@@ -91,22 +105,11 @@ def save_checkpoint(out, named_params, opt, sched, step, plan_info):
     error = distributed.first_error(error)
     if error:
         raise common.InputError(error)
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for name, p in named_params:
-        tensors[f"model.{name}"] = local(p.detach()).contiguous().cpu()
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"optim.{name}.{k}"] = local(v).contiguous().cpu()
-    save_file(tensors, rank_file(tmp, distributed.RANK))
+    with one_process_quiet():
+        dcp.save(training_state(policy, opt), checkpoint_id=tmp, no_dist=not distributed.sharded())
     distributed.barrier()
     if distributed.is_main():
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-        state = {
-            "step": step,
-            "world_size": distributed.WORLD,
-            "plan": plan_info,
-            "scheduler": sched.state_dict(),
-            "param_groups": groups,
-        }
+        state = {"step": step, "world_size": distributed.WORLD, "plan": plan_info, "scheduler": sched.state_dict()}
         jsonl.write_atomic(tmp / STATE, json.dumps(state) + "\n")
         if final.exists():
             os.replace(final, old)
@@ -116,67 +119,37 @@ def save_checkpoint(out, named_params, opt, sched, step, plan_info):
 
 
 def find_checkpoint(out):
-    """The newest complete checkpoint folder (trainer_state.json and every rank's file), or None."""
+    """The newest complete checkpoint folder (DCP's .metadata and trainer_state.json), or None."""
     for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
         d = out / name
-        if (d / STATE).exists():
-            world = json.loads((d / STATE).read_text())["world_size"]
-            if all(rank_file(d, r).exists() for r in range(world)):
-                return d
+        if (d / STATE).exists() and (d / ".metadata").exists():
+            return d
     return None
 
 
-def load_checkpoint(out, named_params, opt, sched, plan_info):
-    """Restore the newest complete checkpoint; refuses one made for another plan or world
-    size (naming what differs). Returns the step to continue at."""
+def load_checkpoint(out, policy, opt, sched, plan_info):
+    """Restore the newest complete checkpoint, resharded to this run's processes; refuses one
+    made for another plan (naming what differs). Returns the step to continue at."""
     ck = find_checkpoint(out)
     if ck is None:
         raise common.InputError(f"{out / 'checkpoint'}: no checkpoint to resume from")
     state = json.loads((ck / STATE).read_text())
-    if state["world_size"] != distributed.WORLD:
-        raise common.InputError(
-            f"{ck}: written by {state['world_size']} process(es), now {distributed.WORLD}; "
-            "resume with the same number of processes"
-        )
     differ = [k for k in plan_info if plan_info[k] != state["plan"].get(k)]
     if differ:
         was = ", ".join(f"{k} {state['plan'].get(k)!r} (now {plan_info[k]!r})" for k in differ)
         raise common.InputError(
             f"{ck}: the checkpoint belongs to another plan: {was}; resume with the same "
-            "pairs and settings, or start again with --overwrite"
+            "pairs and settings (the same optimizer batch: batch size x accumulation x processes), "
+            "or start again with --overwrite"
         )
-    saved = load_file(rank_file(ck, distributed.RANK))
-    with torch.no_grad():
-        for name, p in named_params:
-            local(p).copy_(saved[f"model.{name}"])
-    opt.load_state_dict(optimizer_state(saved, named_params, opt, state["param_groups"]))
+    saved = training_state(policy, opt)
+    with one_process_quiet():  # DCP checks that every tensor asked for is in the checkpoint
+        dcp.load(saved, checkpoint_id=ck, no_dist=not distributed.sharded())
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights: from the model's files
+    set_state_dict(policy, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=options)
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(saved["rng.torch"])
+    torch.set_rng_state(saved["rng"])
     return state["step"]
-
-
-def optimizer_state(saved, named_params, opt, param_groups):
-    """AdamW's state as torch's Optimizer.load_state_dict takes it, from a rank's file: each
-    parameter's moments (this rank's shards placed in tensors shaped like the parameter, DTensors
-    under FSDP2) and its step, which load_state_dict puts where the optimizer wants it (on the
-    parameter's device for the fused kernel). named_params: opt's parameters in its order;
-    param_groups: the saved hyperparameters of opt's groups (learning rate included)."""
-    state = {}
-    for i, (name, p) in enumerate(named_params):
-        prefix = f"optim.{name}."
-        entry = {}
-        for key in (k for k in saved if k.startswith(prefix)):
-            value = saved[key]
-            if value.dim():  # a moment: this rank's shard of a tensor shaped like the parameter
-                full = torch.zeros_like(p)
-                local(full).copy_(value)
-                value = full
-            entry[key[len(prefix) :]] = value
-        if entry:
-            state[i] = entry
-    ids = iter(range(len(named_params)))
-    groups = [dict(kept, params=[next(ids) for _ in g["params"]]) for kept, g in zip(param_groups, opt.param_groups)]
-    return {"state": state, "param_groups": groups}
 
 
 def full_state_dict(module):
@@ -225,9 +198,10 @@ def save_final(out, lm, state_dict, tok, config, adapter=None):
     adapter: (adapter_config, tensors) of a LoRA run, written as PEFT does into adapter/."""
     tmp = jsonl.fresh_dir(out / "final.tmp")
     lm.config.use_cache = True
-    lm.save_pretrained(tmp, state_dict=state_dict)
+    dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    lm.save_pretrained(tmp, state_dict=dict(state_dict))  # (it empties the dict it is given)
     saved = json.loads((tmp / "config.json").read_text())  # save_pretrained writes the float32 master weights'
-    saved["dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")  # dtype: the state's
+    saved["dtype"] = dtype  # dtype: the state's
     jsonl.write_atomic(tmp / "config.json", json.dumps(saved, indent=2) + "\n")
     tok.save_pretrained(tmp)
     if adapter:

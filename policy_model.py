@@ -107,10 +107,7 @@ class Policy(nn.Module):
 def check_lora_targets(model_name, targets):
     """--lora-targets checked against the model's linear layers, from its config alone (the
     model is built on the meta device: no weight is read), before any work."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(common.model_config(model_name))
+    lm = meta_model(model_name)
     known = sorted({n.split(".")[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)})
     unknown = [t for t in targets if t not in known]
     if unknown:
@@ -122,16 +119,23 @@ def check_lora_targets(model_name, targets):
 
 def build_policy(args, bf16):
     """Load the starting model in float32 (a LoRA base in bf16 when computing in bf16), add
-    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under torchrun: each
-    decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy. On the CPU in
-    float32, cpu_speed.prepare_training lays the products out for speed."""
-    sharded = distributed.WORLD > 1
-    lm = common.load_weights(
-        args.model, torch.bfloat16 if args.lora_rank and bf16 else torch.float32, to_device=not sharded
-    )
-    lm.config.use_cache = False
-    if args.lora_rank:
-        lora.apply(lm, args.lora_rank, args.lora_alpha, args.lora_targets)
+    LoRA adapters if asked, turn on checkpointing, and shard it with FSDP2 under a process
+    group: each decoder layer, then the root; bf16 compute there via MixedPrecisionPolicy.
+    Sharded, no rank but rank 0 holds the whole model: every rank builds it on the meta device
+    (no memory), shards it and allocates only its shards; rank 0 alone reads the weights, in
+    the files' dtype, and broadcasts them tensor by tensor (distributed.load_from_main). On the CPU in float32,
+    cpu_speed.prepare_training lays the products out for speed."""
+    sharded = distributed.sharded()
+    dtype = torch.bfloat16 if args.lora_rank and bf16 else torch.float32
+    if not sharded:
+        lm = full = common.load_weights(args.model, dtype)
+    else:  # rank 0's copy in the files' own dtype (bf16 for an 8B model: half of float32), cast as it is loaded
+        full = common.load_weights(args.model, "auto", to_device=False) if distributed.is_main() else None
+        lm = meta_model(args.model, dtype)
+    for m in {id(m): m for m in (full, lm) if m is not None}.values():  # the same adapters on both
+        m.config.use_cache = False
+        if args.lora_rank:
+            lora.apply(m, args.lora_rank, args.lora_alpha, args.lora_targets)
     speed = common.cpu_speed_module()
     if speed and not bf16:
         speed.prepare_training(lm)
@@ -146,10 +150,22 @@ def build_policy(args, bf16):
             if bf16
             else MixedPrecisionPolicy()
         )
+        mesh = distributed.step_mesh()
         for layer in lm.get_decoder().layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(policy, mesh=mesh, mp_policy=mp)
+        distributed.load_from_main(lm, full)
+        if full is not None:  # rank 0 saves the final model: with the files' generation settings
+            lm.generation_config = full.generation_config
     return policy.train()
+
+
+def meta_model(name, dtype=torch.float32):
+    """The model's modules from its config on the meta device: shapes, no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(common.model_config(name), dtype=dtype)
 
 
 def sequence_logps(policy, examples, pad_id):

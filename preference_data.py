@@ -188,15 +188,19 @@ def collate(examples, pad_id, pack=False):
 
 
 def make_plan(examples, batch_size, accum, epochs, seed):
-    """Optimizer steps as lists of micro-batches (lists of example indices). Micro-batches
-    are buckets of similar length (little padding), shuffled per epoch with the seed.
+    """Optimizer steps as lists of micro-batches (lists of example indices). An optimizer
+    batch is batch_size x accum pairs of similar length (little padding); the batches are
+    shuffled per epoch with the seed, then each is cut into micro-batches of batch_size.
     batch_size is the global micro-batch (per-device batch x world size): every rank builds
-    the same plan and takes its share of each micro-batch (distributed.share)."""
+    the same plan and takes its share of each micro-batch (distributed.share). Which pairs
+    make a step depends only on the optimizer batch, so a run resumed at another world size
+    (or accumulation) with the same optimizer batch takes the same steps."""
     by_len = sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen"][0]) + len(examples[i]["rejected"][0]))
-    micro = [by_len[i : i + batch_size] for i in range(0, len(by_len), batch_size)]
+    size = batch_size * accum
+    batches = [by_len[i : i + size] for i in range(0, len(by_len), size)]
     steps = []
     for epoch in range(epochs):
-        order = micro[:]
+        order = batches[:]
         random.Random(seed + epoch).shuffle(order)
-        steps += [order[i : i + accum] for i in range(0, len(order), accum)]
+        steps += [[b[i : i + batch_size] for i in range(0, len(b), batch_size)] for b in order]
     return steps

@@ -324,7 +324,7 @@ def fit(args, out, tok, examples, held_out, dropped):
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(round(args.warmup_ratio * len(plan)), len(plan)))
-    start = checkpoints.load_checkpoint(out, named, opt, sched, info) if args.resume else 0
+    start = checkpoints.load_checkpoint(out, policy, opt, sched, info) if args.resume else 0
     metrics = metrics_log.Metrics(out / "metrics.jsonl", start, args.report_to, vars(args))
     zero_gap = sum(e["gap"] == 0 for e in examples)
     n_train = sum(p.numel() for _, p in named)
@@ -381,7 +381,7 @@ def fit(args, out, tok, examples, held_out, dropped):
             loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}", acc=f"{row['rewards/accuracies']:.2f}"
         )
         if args.save_every and (step + 1) % args.save_every == 0:
-            checkpoints.save_checkpoint(out, named, opt, sched, step + 1, info)
+            checkpoints.save_checkpoint(out, policy, opt, sched, step + 1, info)
     facts = dict(
         pairs=len(examples),
         held_out_pairs=len(held_out),

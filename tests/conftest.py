@@ -160,6 +160,18 @@ def http_server(handler):
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Is thing {i} safe?"} for i in range(3)]
 
+# preference pairs of several lengths and gaps (one gap 0), for train.py
+PAIRS = [
+    {
+        "id": str(i),
+        "prompt": f"Question {i}?",
+        "chosen": "A careful answer " * (i % 3 + 1),
+        "rejected": "No." * (i + 1),
+        "gap": [0, 1, 2, 3, 5, 1, 4, 2][i],
+    }
+    for i in range(8)
+]
+
 
 def refused(p, message):
     """A run refused as the README promises: exit status 2, the message, no traceback."""
@@ -226,3 +238,20 @@ def judge_server():
     FakeJudge.requests = []
     with http_server(FakeJudge) as base:
         yield base + "/v1"
+
+
+def dcp_tensors(folder, prefix="model."):
+    """The whole tensors of a torch.distributed.checkpoint folder whose keys start with `prefix`,
+    read in this process (DCP reassembles every rank's shards)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return state

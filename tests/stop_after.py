@@ -18,8 +18,8 @@ n, script = int(sys.argv[1]), str(ROOT / sys.argv[2])
 save = checkpoints.save_checkpoint
 
 
-def save_then_stop(out, named, opt, sched, step, info):
-    save(out, named, opt, sched, step, info)
+def save_then_stop(out, policy, opt, sched, step, info):
+    save(out, policy, opt, sched, step, info)
     if step == n:
         raise SystemExit(0)
 

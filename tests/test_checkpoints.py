@@ -169,7 +169,7 @@ def test_resume_refuses_a_changed_plan_and_survives_a_kill_between_renames(tmp_p
             "--resume",
             check=False,
         ),
-        "batch_size 1 (now 2)",
+        "optimizer_batch 1 (now 2)",
     )
     g = write_jsonl(tmp_path / "other.jsonl", pairs[::-1])
     refused(

@@ -124,18 +124,19 @@ def test_resume_places_the_optimizer_state_as_torch_does(tmp_path, monkeypatch):
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 3)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
-        return list(net.named_parameters()), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
-    named, opt, sched = fresh()
-    sum(p.sum() for _, p in named).backward()
+    net, opt, sched = fresh()
+    sum(p.sum() for p in net.parameters()).backward()
     opt.step()
     sched.step()
-    checkpoints.save_checkpoint(tmp_path, named, opt, sched, 1, {"plan": 1})
-    ours_named, ours, ours_sched = fresh()
+    checkpoints.save_checkpoint(tmp_path, net, opt, sched, 1, {"plan": 1})
+    ours_net, ours, ours_sched = fresh()
     loads = []
     real = torch.optim.Optimizer.load_state_dict
-    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", lambda self, sd: loads.append(1) or real(self, sd))
-    assert checkpoints.load_checkpoint(tmp_path, ours_named, ours, ours_sched, {"plan": 1}) == 1 and loads
+    counted = lambda self, state_dict: loads.append(1) or real(self, state_dict)  # noqa: E731
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", counted)
+    assert checkpoints.load_checkpoint(tmp_path, ours_net, ours, ours_sched, {"plan": 1}) == 1 and loads
     _, theirs, _ = fresh()
     real(theirs, opt.state_dict())
     mine = [v for p in ours.param_groups[0]["params"] for _, v in sorted(ours.state[p].items())]
@@ -144,6 +145,7 @@ def test_resume_places_the_optimizer_state_as_torch_does(tmp_path, monkeypatch):
     for a, b in zip(mine, want):
         assert (a.device, a.dtype, a.shape) == (b.device, b.dtype, b.shape) and torch.equal(a, b)
     assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+    assert all(torch.equal(a, b) for a, b in zip(ours_net.parameters(), net.parameters()))
 
 
 def test_the_process_group_waits_as_long_as_the_longest_barrier(monkeypatch):
