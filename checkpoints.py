@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 import warnings
 
 import torch
@@ -105,6 +107,7 @@ def save_checkpoint(out, policy, opt, sched, step, plan_info):
     error = distributed.first_error(error)
     if error:
         raise common.InputError(error)
+    t0 = time.time()
     with one_process_quiet():
         dcp.save(training_state(policy, opt), checkpoint_id=tmp, no_dist=not distributed.sharded())
     distributed.barrier()
@@ -116,6 +119,7 @@ def save_checkpoint(out, policy, opt, sched, step, plan_info):
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
+    common.log(f"checkpoint: step {step} written in {time.time() - t0:.1f} s -> {final}", file=sys.stderr)
 
 
 def find_checkpoint(out):
@@ -142,13 +146,14 @@ def load_checkpoint(out, policy, opt, sched, plan_info):
             "pairs and settings (the same optimizer batch: batch size x accumulation x processes), "
             "or start again with --overwrite"
         )
-    saved = training_state(policy, opt)
+    t0, saved = time.time(), training_state(policy, opt)
     with one_process_quiet():  # DCP checks that every tensor asked for is in the checkpoint
         dcp.load(saved, checkpoint_id=ck, no_dist=not distributed.sharded())
     options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights: from the model's files
     set_state_dict(policy, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=options)
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(saved["rng"])
+    common.log(f"checkpoint: step {state['step']} loaded in {time.time() - t0:.1f} s <- {ck}", file=sys.stderr)
     return state["step"]
 
 

@@ -1,9 +1,11 @@
 """train.py's log: the statistics a step sums (named as TRL's trainers name them), metrics.jsonl,
 a row per optimizer step, and its picture metrics.svg (loss, reward margins and accuracies per
-step, train and held-out, an SVG written directly)."""
+step, train and held-out, and the throughput; an SVG written directly)."""
 
 import json
 import math
+
+import torch
 
 import common
 import distributed
@@ -20,6 +22,7 @@ def new_stats():
         "chosen_logps",
         "rejected_logps",
         "tokens",
+        "sequence_tokens",
         "zero_w",
         "w_sum",
     )
@@ -35,6 +38,7 @@ def add_stats(stats, out, n_pairs):
     stats["chosen_logps"] += (out["chosen_logps"] / out["chosen_lengths"]).sum().item()
     stats["rejected_logps"] += (out["rejected_logps"] / out["rejected_lengths"]).sum().item()
     stats["tokens"] += (out["chosen_lengths"].sum() + out["rejected_lengths"].sum()).item()
+    stats["sequence_tokens"] += out["sequence_tokens"]
     stats["zero_w"] += (out["w"] == 0).sum().item()
     stats["w_sum"] += out["w"].sum().item()
     stats.update(w_min=min(stats["w_min"], out["w"].min().item()), w_max=max(stats["w_max"], out["w"].max().item()))
@@ -60,12 +64,58 @@ def trl_metrics(s, n, prefix=""):
     }
 
 
+# one device's dense bf16 peak in FLOP/s (the makers' data sheets, without sparsity), by the
+# first name that occurs in torch.cuda.get_device_name(); a device not listed gets no MFU
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+
+
+def flops_per_step(model, sequence_tokens, answer_tokens, frozen_base):
+    """The matrix products' FLOPs of one training step, the usual estimate (forward 2 per
+    parameter and token, backward 4; 2 with a frozen base, whose weights get no gradient):
+    the decoder at every token, the vocabulary head only at answer tokens (policy_model applies
+    it there). The input embedding is a lookup, attention's own products and the recomputation
+    of gradient checkpointing are left out: MFU, not hardware utilisation."""
+    head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - head.numel() - (0 if embedding is head else embedding.numel())
+    per = 4 if frozen_base else 6
+    return per * body * sequence_tokens + per * head.numel() * answer_tokens
+
+
+def throughput(s, seconds, model, frozen_base, bf16):
+    """A step's summed statistics s -> tokens_per_s (every token the model read: prompts and
+    answers, chosen and rejected); on CUDA also mfu (flops_per_step / seconds over the devices'
+    bf16 peak, in bf16 on a listed device) and peak_memory_gib (the ranks' largest peak so far)."""
+    row = {"tokens_per_s": s["sequence_tokens"] / seconds}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+        if peak and bf16:
+            step_flops = flops_per_step(model, s["sequence_tokens"], s["tokens"], frozen_base)
+            row["mfu"] = step_flops / seconds / (peak * distributed.WORLD)
+        row["peak_memory_gib"] = distributed.all_reduce(torch.cuda.max_memory_allocated() / 2**30, "max")
+    return row
+
+
 PANELS = (
     ("loss", "loss", "eval_loss"),
     ("reward margin", "rewards/margins", "eval_rewards/margins"),
     ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
     ("chosen reward", "rewards/chosen", "eval_rewards/chosen"),
     ("rejected reward", "rewards/rejected", "eval_rewards/rejected"),
+)
+THROUGHPUT_PANELS = (  # drawn where the rows hold them (mfu and peak memory: CUDA only)
+    ("tokens/s", "tokens_per_s", None),
+    ("MFU", "mfu", None),
+    ("peak memory (GiB)", "peak_memory_gib", None),
 )
 COLOURS = {"train": "#264653", "eval": "#e76f51"}
 
@@ -102,17 +152,19 @@ def panel(title, lines, x0, y_top, width, height, max_step):
     return out
 
 
-def training_svg(rows, width=300 * len(PANELS), height=260):
+def training_svg(rows, height=260):
     """The panels side by side for metrics rows (train.py's metrics.jsonl)."""
     max_step = max((r["step"] for r in rows), default=0)
-    w = width // len(PANELS)
+    panels = PANELS + tuple(p for p in THROUGHPUT_PANELS if series(rows, p[1]))
+    w = 300
+    width = w * len(panels)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="sans-serif" '
         'font-size="11">',
         f'<text x="10" y="{height + 12}" fill="{COLOURS["train"]}">train (each step)</text>',
         f'<text x="140" y="{height + 12}" fill="{COLOURS["eval"]}">held-out (--eval-input)</text>',
     ]
-    for k, (title, train_key, eval_key) in enumerate(PANELS):
+    for k, (title, train_key, eval_key) in enumerate(panels):
         out += panel(
             title, {"train": series(rows, train_key), "eval": series(rows, eval_key)}, k * w, 0, w, height, max_step
         )

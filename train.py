@@ -5,10 +5,9 @@
     w_i    = (gap_i / mean(gap over the optimizer batch))^alpha  no gradient; all-zero gaps: w = 1
     loss_i = -w_i log sigmoid(r(y) - r(y-) - gamma)
 
---loss simpo sets w = 1; --loss dpo uses summed log-probs against reference log-probs
-computed once by the starting model before training (with LoRA: the model with its adapters
-off, no reference pass); --loss sft is the NLL of the chosen answer. Chosen and rejected
-answers go through the model in one forward (policy_model.py).
+--loss simpo sets w = 1; --loss dpo uses summed log-probs against reference log-probs computed
+once by the starting model before training (with LoRA: the model with its adapters off, no
+reference pass); --loss sft is the NLL of the chosen answer. Chosen and rejected: one forward.
 
     python train.py --input runs/x/pairs.jsonl --output runs/x/model --loss spa
     torchrun --nproc_per_node 8 train.py ...             FSDP2 over 8 GPUs (full fine-tune)
@@ -17,8 +16,8 @@ answers go through the model in one forward (policy_model.py).
 Training keeps float32 master weights; `--mixed-precision` computes in bf16 (FSDP2's policy
 under torchrun, autocast in one process). --batch-size is per device: the optimizer batch is
 batch-size x grad-accum x world size. The output gets the model (in the starting model's dtype
-unless --save-dtype says), tokenizer, chat template, train_config.json and metrics.jsonl (a
-row per step); while training, checkpoint/ for --resume.
+unless --save-dtype says), tokenizer, chat template, train_config.json, metrics.jsonl (a row
+per step) and metrics.svg; while training, checkpoint/ for --resume at any process count.
 """
 
 import argparse
@@ -121,6 +120,7 @@ def pair_losses(policy, examples, idx, args, pad_id, mean_gap, ref=None):
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
         w=w,
+        sequence_tokens=sum(len(e["chosen"][0]) + len(e["rejected"][0]) for e in ex),
     )
 
 
@@ -335,12 +335,12 @@ def fit(args, out, tok, examples, held_out, dropped):
         f"{zero_gap} with gap 0), {len(held_out)} held-out pairs, {len(plan)} steps of {args.batch_size} per device "
         f"x {args.grad_accum} accumulation x {distributed.WORLD} process(es) = "
         f"{args.batch_size * args.grad_accum * distributed.WORLD} pairs; loss {args.loss}, device {common.device()}, "
-        f"{'bf16 compute' if bf16 else 'float32'} over float32 master weights, "
+        f"{'bf16 compute' if bf16 else 'float32'} over float32 master weights{', FSDP2' * distributed.sharded()}, "
         f"{'LoRA r=%d, ' % args.lora_rank if args.lora_rank else ''}{n_train:,} trained parameters",
         file=sys.stderr,
     )
-    every = args.eval_every
-    evaluate_now = lambda step: held_out and (step == 0 or step == len(plan) or every and step % every == 0)
+    every = args.eval_every  # evaluate before the first step, every `every` steps and after the last
+    evaluate_now = lambda step: held_out and (step in (0, len(plan)) or every and step % every == 0)
     if start == 0 and evaluate_now(0):
         metrics.write({"step": 0, **evaluate_pairs(policy, held_out, args, pad_id, eval_ref)})
 
@@ -372,7 +372,7 @@ def fit(args, out, tok, examples, held_out, dropped):
             "lr": lr,
             "grad_norm": grad_norm,
             "pairs_per_s": n / dt,
-            "tokens_per_s": s["tokens"] / dt,
+            **metrics_log.throughput(s, dt, policy.lm, bool(args.lora_rank), bf16),
         }
         if evaluate_now(step + 1):
             row.update(evaluate_pairs(policy, held_out, args, pad_id, eval_ref))
@@ -389,6 +389,7 @@ def fit(args, out, tok, examples, held_out, dropped):
         zero_gap_pairs=zero_gap,
         steps=len(plan),
         world_size=distributed.WORLD,
+        fsdp2=distributed.sharded(),
         mixed_precision_bf16=bf16,
     )
     checkpoints.save_trained(out, policy.lm, tok, args, facts)

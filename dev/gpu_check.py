@@ -11,12 +11,14 @@ download from: the embedded tokenizer and the pinned transformers travel with th
                                            if a stage failed
     python dev/gpu_check.py --dry-run      the same on the CPU with tiny models (tests/test_gpu_check.py)
 
-The stages (tiny model, bf16 on CUDA): sample; score in generate and logits modes; refine;
-evaluate; train spa, dpo and LoRA; stopped after a step then --resume; sample and train under
-`torchrun --nproc_per_node 1` (NCCL). The figures (8B shape, random
-weights): sample.py's path at 32 prompts x 8 candidates, 64 new tokens, in tokens/s; train.py's
-step with LoRA r=16, 16 pairs of 100-250-token answers, micro-batch 4 x accumulation 2, in
-pairs/s, with the peak GPU memory.
+The stages (tiny model, bf16 on CUDA), each with its peak GPU memory: sample; score in
+generate and logits modes; refine; evaluate; train spa, dpo and LoRA; stopped after a step then
+--resume; sample and train under `torchrun --nproc_per_node 1` with SPA_PROCESS_GROUP=1, so that
+NCCL forms a group and FSDP2 shards over the GPU, train stopped and resumed there too (DCP).
+The figures (dev/gpu_figures.py, random weights of Llama-3.1-8B's shape): sample.py's path at
+32 prompts x 8 candidates, 512 new tokens, tokens counted from the generated ids; train.py's
+step with LoRA r=16 on the whole shape; a full fine-tune of the shape cut to 2 layers under
+torchrun (FSDP2): tokens/s, MFU, peak memory, the checkpoint's save and load time.
 """
 
 import argparse
@@ -122,7 +124,7 @@ def tiny_model(out, tok, layers=2, hidden=64):
 def stage_runs(work, model, prompts, pairs):
     """(name, command) of every stage run the check makes, in order."""
     py, m = [sys.executable], ["--model", str(model)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", "29533"]
+    torchrun = ["env", "SPA_PROCESS_GROUP=1", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
     gen = ["--max-new-tokens", "16", "--batch-size", "4"]
     judge = ["--judge-max-tokens", "8", "--judge-batch-size", "8", "--max-unreadable", "1"]  # random weights
     train = ["--input", str(pairs), *m, "--batch-size", "2", "--grad-accum", "1", "--save-every", "0", "--lr", "1e-4"]
@@ -195,7 +197,19 @@ def stage_runs(work, model, prompts, pairs):
             torchrun + ["sample.py", "--input", str(prompts), "--output", w("samples_tr.jsonl"), *m, *gen],
         ),
         ("torchrun train", torchrun + ["train.py", *train, "--output", w("spa_tr")]),
+        (
+            "torchrun train stopped",
+            torchrun + ["tests/stop_after.py", "1", "train.py", *train, "--output", w("tr_res")],
+        ),
+        ("torchrun train --resume", torchrun + ["train.py", *train, "--output", w("tr_res"), "--resume"]),
     ]
+
+
+def sharded(work):
+    """Whether the torchrun runs so far trained with FSDP2 (train_config.json says)."""
+    configs = [json.loads(f.read_text()) for f in work.glob("tr*/train_config.json")]
+    configs += [json.loads(f.read_text()) for f in work.glob("spa_tr/train_config.json")]
+    return all(c.get("fsdp2") for c in configs)
 
 
 def run_stages(work, tok):
@@ -222,15 +236,18 @@ def run_stages(work, tok):
         )
     )
     results = []
-    for name, cmd in stage_runs(work, model, prompts, pairs):
-        t = time.time()
+    for k, (name, cmd) in enumerate(stage_runs(work, model, prompts, pairs)):
+        t, memory = time.time(), work / f"stage{k}.mem.json"
+        script = next(i for i, a in enumerate(cmd) if a.endswith(".py"))
+        cmd = cmd[:script] + ["dev/peak_memory.py", str(memory)] + cmd[script:]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-        ok = p.returncode == 0
+        ok = p.returncode == 0 and (not name.startswith("torchrun train") or sharded(work))
         results.append(
             {
                 "stage": name,
                 "ok": ok,
                 "seconds": round(time.time() - t, 1),
+                "peak_gpu_gib": json.loads(memory.read_text())["peak_gib"] if memory.exists() else None,
                 **({} if ok else {"stderr": p.stderr[-1500:]}),
             }
         )
@@ -239,107 +256,6 @@ def run_stages(work, tok):
             print(p.stderr[-1500:], flush=True)
     print(f"device {common.device()}, inference {common.inference_path()}", flush=True)
     return results
-
-
-def llama_8b_shape(tok, dry_run):
-    """A random-weight model of Llama-3.1-8B's shape (a tiny one in a dry run), bf16 on CUDA."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    import common
-
-    if dry_run:
-        cfg = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-        )
-    else:
-        cfg = dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            rope_theta=500000.0,
-        )
-    config = LlamaConfig(
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **cfg,
-    )
-    dtype = torch.bfloat16 if common.device().type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with common.device():
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def sample_figure(model, tok, dry_run):
-    import torch
-    import generation
-
-    n_prompts, n_samples, new_tokens = (4, 2, 8) if dry_run else (32, 8, 64)
-    prompts = [json.loads(line)["prompt"] for line in open(ROOT / "data" / "train_prompts.jsonl")][:n_prompts]
-    rows = [generation.user_turn(q) for q in prompts for _ in range(n_samples)]
-    keys = [f"{i}/{k}" for i in range(n_prompts) for k in range(n_samples)]
-    generation.generate(model, tok, rows[:4], max_new_tokens=4, temperature=1.0, keys=keys[:4])  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t = time.time()
-    answers = generation.generate(
-        model, tok, rows, max_new_tokens=new_tokens, temperature=1.0, batch_size=len(rows), keys=keys
-    )
-    dt = time.time() - t
-    tokens = sum(min(len(tok(a, add_special_tokens=False)["input_ids"]) + 1, new_tokens) for a in answers)
-    return {
-        "sample_rows": len(rows),
-        "sample_new_tokens": new_tokens,
-        "sample_tokens_per_s": round(tokens / dt, 1),
-        "sample_seconds": round(dt, 2),
-    }
-
-
-def train_figure(model, tok, dry_run):
-    import torch
-    import lora
-    import policy_model
-    import preference_data
-    import train
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from train_throughput import synthetic_pairs
-
-    n_pairs = 4 if dry_run else 16
-    lm = model.train()
-    lm.config.use_cache = False
-    lora.apply(lm, 16, 16.0)
-    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    cuda = torch.cuda.is_available()
-    policy = policy_model.Policy(lm, bf16_autocast=cuda, pack=False).train()
-    hp = argparse.Namespace(loss="spa", alpha=1.0, beta=2.5, gamma=1.375)
-    examples = synthetic_pairs(tok, n_pairs)
-    plan = preference_data.make_plan(examples, 4, 2, 1, 0)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    train.train_step(policy, examples, [plan[0][0][:1]], hp, tok.pad_token_id)  # warm-up, not counted
-    opt.zero_grad()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t, pairs = time.time(), 0
-    for step in plan:
-        _, n = train.train_step(policy, examples, step, hp, tok.pad_token_id)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        pairs += n
-    if cuda:
-        torch.cuda.synchronize()
-    out = {"train_pairs": pairs, "train_pairs_per_s": round(pairs / (time.time() - t), 3)}
-    if cuda:
-        out["train_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return out
 
 
 def main():
@@ -354,7 +270,7 @@ def main():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even where a GPU is
     else:
         use_carried_transformers()
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "dev")]
     import torch
     import transformers
     import common
@@ -375,10 +291,13 @@ def main():
     }
     print(json.dumps(report), flush=True)
     report["stages"] = run_stages(work, tok)
-    model = llama_8b_shape(tok, args.dry_run)
+    import gpu_figures
+
+    report.update(gpu_figures.fsdp_train_figure(work, tok, args.dry_run))
+    model = gpu_figures.build(gpu_figures.llama_8b_shape(tok, args.dry_run))
     report["model"] = {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype)}
-    report.update(sample_figure(model, tok, args.dry_run))
-    report.update(train_figure(model, tok, args.dry_run))
+    report.update(gpu_figures.sample_figure(model, tok, args.dry_run))
+    report.update(gpu_figures.lora_train_figure(model, tok, args.dry_run))
     text = json.dumps(report, indent=2)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "runs" / "gpu_check"
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,15 @@ def test_the_gpu_check_runs_every_stage_on_the_cpu(tmp_path):
         "train --resume",
         "torchrun sample",
         "torchrun train",
+        "torchrun train stopped",
+        "torchrun train --resume",
     ):
         assert wanted in stages
-    assert all(r["ok"] for r in report["stages"]) and report["device"] == "cpu"
-    assert report["sample_tokens_per_s"] > 0 and report["train_pairs_per_s"] > 0 and report["model"]["parameters"] > 0
+    assert all(r["ok"] and "peak_gpu_gib" in r for r in report["stages"]) and report["device"] == "cpu"
+    assert report["sample_tokens"] == report["sample_rows"] * report["sample_new_tokens"]  # random weights: no end
+    assert (
+        report["sample_tokens_per_s"] > 0 and report["lora_train_pairs_per_s"] > 0 and report["model"]["parameters"] > 0
+    )
+    assert report["lora_train_tokens_per_s"] > 0 and report["fsdp_train_tokens_per_s"] > 0
+    assert report["fsdp_train_fsdp2"] is True  # the forced process group: FSDP2 over one process
+    assert report["fsdp_train_checkpoint_save_s"] >= 0 and report["fsdp_train_checkpoint_load_s"] >= 0
