@@ -62,7 +62,10 @@ def setup():
     SPA_PROCESS_GROUP=1 (idempotent): NCCL on CUDA, one GPU per process, gloo on the CPU,
     with timeout(); step_timeout() is checked here too, before any work. Returns (rank, world)."""
     step_timeout()
-    if (WORLD > 1 or os.environ.get("SPA_PROCESS_GROUP") == "1") and not dist.is_initialized():
+    forced = os.environ.get("SPA_PROCESS_GROUP") == "1"
+    if forced and "MASTER_ADDR" not in os.environ:
+        raise ValueError("SPA_PROCESS_GROUP=1 forms a process group under torchrun: torchrun --nproc_per_node 1 ...")
+    if (WORLD > 1 or forced) and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(LOCAL_RANK)
             dist.init_process_group("nccl", timeout=timeout(), device_id=device())

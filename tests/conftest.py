@@ -6,6 +6,7 @@ import runpy
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
@@ -253,5 +254,7 @@ def dcp_tensors(folder, prefix="model."):
         for k, m in meta.items()
         if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
     }
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
     return state

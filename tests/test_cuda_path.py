@@ -164,6 +164,26 @@ def test_the_process_group_waits_as_long_as_the_longest_barrier(monkeypatch):
         monkeypatch.setenv("SPA_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="SPA_DIST_TIMEOUT must be a positive number of seconds"):
             distributed.setup()
+    monkeypatch.delenv("SPA_DIST_TIMEOUT")
+    monkeypatch.setenv("SPA_STEP_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="SPA_STEP_TIMEOUT must be a positive number of seconds"):
+        distributed.setup()
+
+
+def test_spa_process_group_forms_a_group_for_one_process_under_torchrun(monkeypatch):
+    got = {}
+    monkeypatch.setattr(distributed, "WORLD", 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: got.update(backend=backend))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    distributed.setup()
+    assert not got  # one process, no group
+    monkeypatch.setenv("SPA_PROCESS_GROUP", "1")
+    with pytest.raises(ValueError, match="under torchrun"):
+        distributed.setup()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    distributed.setup()
+    assert got == {"backend": "gloo"}
 
 
 NO_SYSTEM = (

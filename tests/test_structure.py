@@ -150,6 +150,7 @@ ENVIRONMENT = {
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
+    "MASTER_ADDR",
 }
 
 
