@@ -1,9 +1,7 @@
 """Plumbing shared by every SPA stage: errors, the paths a run may not touch, ids built from
 names, model loading (with the embedded default model), the prompt files, the flags every
 stage shares. JSONL is in jsonl.py, generation in generation.py, the resumable sharded output
-in resumable.py, the torch.distributed set-up in distributed.py.
-
-Nothing here knows about the method itself; the stages hold that.
+in resumable.py, the torch.distributed set-up in distributed.py. Nothing here is the method.
 """
 
 import argparse
@@ -38,7 +36,7 @@ def run_main(main):
     turn an InputError into a one-line message and exit status 2."""
     try:
         distributed.setup()
-    except ValueError as e:  # a bad SPA_DIST_TIMEOUT
+    except ValueError as e:  # a bad SPA_*_TIMEOUT, SPA_PROCESS_GROUP=1 outside torchrun
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:

@@ -342,21 +342,11 @@ def add_judge_args(p, judge_help):
         default=0.5,
         help="stop when more than this share of the ratings asked (16 at least) had no readable reply (default 0.5)",
     )
-    add(
-        "--judge-batch-size",
-        type=count,
-        default=16,
-        help="judgements per forward or generate call of a local judge (default 16)",
-    )
+    add("--judge-batch-size", type=count, default=16, help="judgements per call of a local judge (default 16)")
 
 
-def add_primary_arg(p):
-    p.add_argument(
-        "--primary",
-        choices=PRIMARY_OBJECTIVES,
-        default="harmlessness",
-        help="the primary objective G_a (G_b is helpfulness; default harmlessness)",
-    )
+def add_primary_arg(p):  # G_a; G_b is helpfulness
+    p.add_argument("--primary", choices=PRIMARY_OBJECTIVES, default="harmlessness", help="G_a (default harmlessness)")
 
 
 def max_tokens(args):
