@@ -8,7 +8,7 @@ STAMP   := .venv/.installed
 RUN     ?= runs/demo
 ITER    ?= 1
 
-.PHONY: test demo ablations oracle study bench clean-runs
+.PHONY: test demo ablations oracle study study-self bench clean-runs
 
 $(STAMP): requirements.txt
 	python3 -m venv .venv
@@ -32,8 +32,11 @@ ablations: $(STAMP)
 oracle: $(STAMP)
 	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
 
-study: $(STAMP)   # about 2 hours on 2 cores; rerun after a kill to resume
+study: $(STAMP)   # about 3 hours on 2 cores (not yet timed with the controls); rerun after a kill to resume
 	RUN=runs/study PY=$(PY) bash oracle/study.sh
+
+study-self: $(STAMP)   # one seed of SPA judging itself, the oracle judging the evaluation; resumable
+	RUN=runs/study-self SELF=1 SEEDS=1 VARIANTS=spa PY=$(PY) bash oracle/study.sh
 
 bench: $(STAMP)   # TRL_PYTHON=/path/to/python-with-trl DEMO_BASE=<git rev> add the train and demo ratios
 	$(PY) bench/sample_throughput.py

@@ -44,8 +44,11 @@ OTHER_TOOLS = {
 
 @functools.lru_cache(maxsize=None)
 def flags_of(script):
-    """The options a script's --help lists."""
+    """The options a script's --help lists, its subcommands' included."""
     out = run_here(script, "--help").stdout
+    subcommands = re.search(r"\{([\w,-]+)\}", out)
+    for sub in subcommands.group(1).split(",") if subcommands else []:
+        out += run_here(script, sub, "--help").stdout
     return set(re.findall(FLAG, out))
 
 
