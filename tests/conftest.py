@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import io
 import json
 import os
@@ -189,8 +190,9 @@ def denoise_record(i, cands=((3, 4), (5, 2), (4, 4)), refined=(6, 6)):
     }
 
 
-def sample(tmp_path, tiny, out, *extra, check=True):
-    return run(
+def sample(tmp_path, tiny, out, *extra, check=True, here=False):
+    """sample.py on tmp_path/p.jsonl, 2 candidates of 3 tokens each; here=True: in this process (run_here)."""
+    return (run_here if here else functools.partial(run, check=check))(
         "sample.py",
         "--input",
         tmp_path / "p.jsonl",
@@ -203,8 +205,25 @@ def sample(tmp_path, tiny, out, *extra, check=True):
         "--max-new-tokens",
         3,
         *extra,
-        check=check,
     )
+
+
+def score_with_judge(tmp_path, api_base, *flags, records=None, runner=run_here):
+    """score.py against the HTTP judge at api_base: input tmp_path/s.jsonl (by default one prompt
+    with one candidate), output tmp_path/o.jsonl."""
+    records = records or [{"id": "a", "prompt": "q", "candidates": [{"text": "x"}]}]
+    inp = write_jsonl(tmp_path / "s.jsonl", records)
+    return runner("score.py", "--input", inp, "--output", tmp_path / "o.jsonl", "--judge-api-base", api_base, *flags)
+
+
+def update_matches(a, b, start):
+    """How far two runs' updates (final - start, over start's tensors) differ: (|update a - update b| /
+    |update a|, |update a|)."""
+    import torch
+
+    da = torch.cat([(a[k] - start[k]).flatten() for k in start])
+    db = torch.cat([(b[k] - start[k]).flatten() for k in start])
+    return float((da - db).norm() / da.norm()), float(da.norm())
 
 
 class FakeJudge(BaseHTTPRequestHandler):

@@ -1,6 +1,7 @@
 """score.py with an OpenAI-compatible judge on 127.0.0.1: concurrent, ordered, retried, resumed."""
 
 import json
+from functools import partial
 import os
 import re
 import subprocess
@@ -16,7 +17,17 @@ import common
 import judging
 import chat_api
 import report
-from conftest import http_server, read_jsonl, refused, ROOT, run, run_here, send_chat_reply, write_jsonl
+from conftest import (
+    score_with_judge,
+    http_server,
+    read_jsonl,
+    refused,
+    ROOT,
+    run,
+    run_here,
+    send_chat_reply,
+    write_jsonl,
+)
 
 KEY = "sk-test-not-to-be-written-0123"
 
@@ -110,19 +121,8 @@ def test_score_with_an_http_judge(tmp_path, endpoint):
 
 
 def test_a_logits_mode_against_a_server_without_logprobs_names_generate(tmp_path, endpoint):
-    inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "ANSWER-1"}]}])
-    p = run(
-        "score.py",
-        "--input",
-        inp,
-        "--output",
-        tmp_path / "o.jsonl",
-        "--judge-api-base",
-        endpoint,
-        "--mode",
-        "logits",
-        check=False,
-    )
+    records = [{"id": "a", "prompt": "q", "candidates": [{"text": "ANSWER-1"}]}]
+    p = score_with_judge(tmp_path, endpoint, "--mode", "logits", records=records, runner=partial(run, check=False))
     assert p.returncode == 2 and "returned no logprobs" in p.stderr and "--mode generate" in p.stderr
 
 
@@ -166,18 +166,7 @@ def test_a_redirect_is_refused_and_the_key_stays(tmp_path, monkeypatch, code):
     Recorder.seen = []
     with http_server(Recorder) as other:
         with http_server(redirecting(other.replace("127.0.0.1", "localhost"), code)) as base:
-            inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "x"}]}])
-            p = run_here(
-                "score.py",
-                "--input",
-                inp,
-                "--output",
-                tmp_path / "o.jsonl",
-                "--judge-api-base",
-                base + "/v1",
-                "--backoff",
-                0.01,
-            )
+            p = score_with_judge(tmp_path, base + "/v1", "--backoff", 0.01)
     refused(p, f"HTTP {code}, a redirect to http://localhost")
     assert Recorder.seen == [] and PROBE_KEY not in p.stderr
     assert not (tmp_path / "o.jsonl").exists()

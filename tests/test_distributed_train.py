@@ -11,18 +11,11 @@ import lora
 import policy_model
 import preference_data
 import train
-from conftest import PAIRS, dcp_tensors, read_jsonl, run, torchrun, write_jsonl
+from conftest import PAIRS, update_matches, dcp_tensors, read_jsonl, run, torchrun, write_jsonl
 
 
 def weights(d):
     return load_file(d / "model.safetensors")
-
-
-def update_matches(a, b, start):
-    """The two runs' updates (final - start) differ by under 1% of the update's norm."""
-    da = torch.cat([(a[k] - start[k]).flatten() for k in start])
-    db = torch.cat([(b[k] - start[k]).flatten() for k in start])
-    return float((da - db).norm() / da.norm()), float(da.norm())
 
 
 @pytest.mark.parametrize("loss", ["spa", "dpo"])

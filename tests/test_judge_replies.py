@@ -4,7 +4,7 @@ import json
 from http.server import BaseHTTPRequestHandler
 import pytest
 import chat_api
-from conftest import http_server, refused, run_here, send_chat_reply, write_jsonl
+from conftest import score_with_judge, http_server, refused, run_here, send_chat_reply, write_jsonl
 
 
 class Scripted(BaseHTTPRequestHandler):
@@ -41,20 +41,8 @@ def test_a_reply_that_is_not_a_complete_answer_is_no_score(tmp_path, reply):
     with http_server(Scripted) as base:
         assert chat_api.chat_completion(base + "/v1", "m", [], backoff=0.01) is None
         cands = [{"text": f"answer {k}"} for k in range(4)]
-        inp = write_jsonl(tmp_path / "s.jsonl", [{"id": f"p{i}", "prompt": "q", "candidates": cands} for i in range(3)])
-        p = run_here(
-            "score.py",
-            "--input",
-            inp,
-            "--output",
-            tmp_path / "o.jsonl",
-            "--judge-api-base",
-            base + "/v1",
-            "--backoff",
-            0.01,
-            "--batch-size",
-            3,
-        )
+        records = [{"id": f"p{i}", "prompt": "q", "candidates": cands} for i in range(3)]
+        p = score_with_judge(tmp_path, base + "/v1", "--backoff", 0.01, "--batch-size", 3, records=records)
     refused(p, "of the 24 ratings asked so far got no readable reply")
     assert not (tmp_path / "o.jsonl").exists()
 

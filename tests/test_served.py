@@ -12,7 +12,17 @@ import torch
 
 import generation
 import judging
-from conftest import PROMPTS, http_server, read_jsonl, refused, run, run_here, send_chat_reply, write_jsonl
+from conftest import (
+    score_with_judge,
+    PROMPTS,
+    http_server,
+    read_jsonl,
+    refused,
+    run,
+    run_here,
+    send_chat_reply,
+    write_jsonl,
+)
 
 # the rating distribution the stand-in judge serves: P(1..10)
 DIST = [0.02, 0.03, 0.05, 0.1, 0.3, 0.2, 0.15, 0.08, 0.05, 0.02]
@@ -159,19 +169,8 @@ def test_the_logits_mode_reads_top_logprobs_to_the_local_expected_rating(server)
 
 
 def test_a_server_without_logprobs_gets_a_clear_error(tmp_path, server):
-    inp = write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "prompt": "q", "candidates": [{"text": "x"}]}])
-    p = run_here(
-        "score.py",
-        "--input",
-        inp,
-        "--output",
-        tmp_path / "o.jsonl",
-        "--judge-api-base",
-        server.replace("/v1", "/nologprobs/v1"),
-        "--mode",
-        "logits-expected",
-        "--backoff",
-        0.01,
+    p = score_with_judge(
+        tmp_path, server.replace("/v1", "/nologprobs/v1"), "--mode", "logits-expected", "--backoff", 0.01
     )
     refused(p, "returned no logprobs")
     assert "--mode generate" in p.stderr

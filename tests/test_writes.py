@@ -4,7 +4,7 @@ import os
 import shutil
 import pytest
 import resumable
-from conftest import denoise_record, PROMPTS, read_jsonl, refused, run, run_here, write_jsonl
+from conftest import denoise_record, PROMPTS, read_jsonl, refused, run, run_here, sample, write_jsonl
 
 
 def plant(kind, victim, at):
@@ -18,20 +18,8 @@ def test_no_file_beside_the_output_is_written_through_a_link(tmp_path, tiny_mode
     victim = tmp_path / "victim.txt"
     victim.write_text("mine")
     plant(kind, victim, tmp_path / side)
-    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    p = run_here(
-        "sample.py",
-        "--input",
-        prompts,
-        "--output",
-        tmp_path / "o.jsonl",
-        "--model",
-        tiny_model_dir,
-        "--num-candidates",
-        2,
-        "--max-new-tokens",
-        2,
-    )
+    write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    p = sample(tmp_path, tiny_model_dir, tmp_path / "o.jsonl", here=True)
     assert p.returncode == 2 and ("link" in p.stderr or "named like a part file" in p.stderr), p.stderr[-500:]
     assert victim.read_text() == "mine" and not (tmp_path / "o.jsonl").exists()
 
@@ -43,20 +31,8 @@ def test_temporary_files_get_fresh_names_so_a_planted_one_is_never_written(tmp_p
         victims.append(tmp_path / f"victim-{name}")
         victims[-1].write_text("mine")
         plant("symbolic", victims[-1], tmp_path / name)
-    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    p = run_here(
-        "sample.py",
-        "--input",
-        prompts,
-        "--output",
-        tmp_path / "o.jsonl",
-        "--model",
-        tiny_model_dir,
-        "--num-candidates",
-        2,
-        "--max-new-tokens",
-        2,
-    )
+    write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    p = sample(tmp_path, tiny_model_dir, tmp_path / "o.jsonl", here=True)
     assert p.returncode == 0 and len(read_jsonl(tmp_path / "o.jsonl")) == 3
     d = run_here(
         "denoise.py",
