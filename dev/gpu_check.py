@@ -206,10 +206,9 @@ def stage_runs(work, model, prompts, pairs):
 
 
 def sharded(work):
-    """Whether the torchrun runs so far trained with FSDP2 (train_config.json says)."""
-    configs = [json.loads(f.read_text()) for f in work.glob("tr*/train_config.json")]
-    configs += [json.loads(f.read_text()) for f in work.glob("spa_tr/train_config.json")]
-    return all(c.get("fsdp2") for c in configs)
+    """Whether every torchrun training run finished so far trained with FSDP2 (its train_config.json says)."""
+    configs = [work / d / "train_config.json" for d in ("spa_tr", "tr_res")]
+    return all(json.loads(f.read_text()).get("fsdp2") for f in configs if f.exists())
 
 
 def run_stages(work, tok):

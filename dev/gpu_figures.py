@@ -110,14 +110,14 @@ def lora_train_figure(model, tok, dry_run):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t, pairs, total = time.time(), 0, metrics_log.new_stats()
+    t, pairs, total = time.time(), 0, {"tokens": 0.0, "sequence_tokens": 0.0}
     for step in plan:
         s, n = train.train_step(policy, examples, step, hp, tok.pad_token_id)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
         pairs += n
-        total = {k: total[k] + s[k] for k in ("tokens", "sequence_tokens")}
+        total = {k: total[k] + s[k] for k in total}
     if cuda:
         torch.cuda.synchronize()
     dt = time.time() - t
