@@ -50,10 +50,10 @@ def run_main(main):
     distributed.cleanup()
 
 
-def log(*args, **kwargs):
-    """print() on rank 0 only."""
+def log(*args, file=None):
+    """print() on rank 0 only, through tqdm.write: a line stays out of a running progress bar."""
     if distributed.is_main():
-        print(*args, **kwargs)
+        tqdm.write(" ".join(map(str, args)), file=file)
 
 
 def progress(iterable, **kwargs):
