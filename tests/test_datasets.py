@@ -8,7 +8,7 @@ import pytest
 import common
 import jsonl
 import preference_data
-from conftest import read_jsonl, run, write_jsonl
+from conftest import ROOT, read_jsonl, run, write_jsonl
 
 
 def write_json(path, obj):
@@ -238,3 +238,24 @@ def test_conversations_without_a_shared_prompt_are_refused_with_file_and_line(
     f = write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}])
     with pytest.raises(common.InputError, match=rf"p\.jsonl:1: .*{message}"):
         preference_data.load_pairs(f, tokenizer, 256, need_gap=False)
+
+
+def test_a_public_ultrafeedback_file_trains_as_shipped_and_in_trl_libs_shape(tmp_path, tiny_model_dir):
+    """data/ultrafeedback_50.jsonl: 50 rows no one here wrote (data/SOURCES.md), as their
+    repository ships them (prompt, chosen and rejected strings, extra fields beside them). The
+    same rows put back into trl-lib/ultrafeedback_binarized's shape (chosen and rejected as
+    [user, assistant] conversations, no prompt field) read to the same pairs and train to the
+    same loss."""
+    data = ROOT / "data" / "ultrafeedback_50.jsonl"
+    shipped = read_jsonl(data)
+    conv = lambda r, side: [{"content": r["prompt"], "role": "user"}, {"content": r[side], "role": "assistant"}]
+    implicit = [{"chosen": conv(r, "chosen"), "rejected": conv(r, "rejected"), **r["metadata"]} for r in shipped]
+    args = ["--model", tiny_model_dir, "--loss", "simpo", "--max-length", 512, "--save-every", 0]
+    facts, losses = [], []
+    for name, f in (("shipped", data), ("trl", write_jsonl(tmp_path / "t.jsonl", implicit))):
+        run("train.py", "--input", f, "--output", tmp_path / name, *args)
+        facts.append(json.loads((tmp_path / name / "train_config.json").read_text()))
+        losses.append([r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")])
+    assert facts[0]["pairs"] + facts[0]["dropped"]["prompt_too_long"] == 50 and facts[0]["pairs"] >= 45
+    assert (facts[0]["pairs"], facts[0]["dropped"]) == (facts[1]["pairs"], facts[1]["dropped"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
