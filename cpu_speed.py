@@ -14,8 +14,10 @@ For inference:
              instead of F.linear's MKL product
   prefill    generation.model_inputs hands a batch here (prefill): the prompt prefix its rows
              share (the chat template's system prompt, a judge's instructions and
-             constitution) runs once, each row's tail after it, a few rows at a time, into a
-             static cache that generate (or the judge's one forward) goes on from
+             constitution) runs once, then once per run of rows the part they share beyond it
+             (a question its candidates' judge prompts repeat, a prompt's samples), then each
+             row's tail, a few rows at a time, into a static cache that generate (or the
+             judge's one forward) goes on from
   attention  grouped-query attention without copying keys and values to every query head,
              reading only the filled part of the static cache when decoding
   memory     glibc keeps the memory the process frees, so each step's buffers reuse pages
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 ATTENTION = "spa_cpu"  # the attention implementation registered by prepare_inference
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (rows x padded tail); 0 = every row at once
+MIN_SHARED = 8  # tokens consecutive rows share beyond a batch's prefix for prefill to run them once
 PACK_BY_DEFAULT = True  # train.py --pack on the CPU (docs/BENCHMARKS.md); the plain path pads
 
 
@@ -191,15 +194,37 @@ def common_prefix_length(seqs, keep=1):
     return n
 
 
-def prefix_and_tails(seqs, pad_id, keep=1):
-    """One batch's prompts laid out for one prefill: the prefix they all share once, then each
-    tail padded on its left, between prefix and tail. Returns ids (B, T), mask (B, T) and the
-    prefix's length; T is the longest prompt, as with left padding."""
+def shared_parts(seqs, keep=1):
+    """Two levels of sharing among one batch's prompts: the prefix every row shares, and, for
+    runs of consecutive rows that share at least MIN_SHARED tokens more (a judge prompt's
+    candidates of one question, a prompt's samples), that part. Returns the prefix's length,
+    each row's run and each run's shared length after the prefix (0 for a row alone)."""
     prefix = common_prefix_length(seqs, keep) if len(seqs) > 1 else 0
-    T = max(len(s) for s in seqs)
-    ids = [s[:prefix] + [pad_id] * (T - len(s)) + s[prefix:] for s in seqs]
-    mask = [[1] * prefix + [0] * (T - len(s)) + [1] * (len(s) - prefix) for s in seqs]
-    return torch.tensor(ids), torch.tensor(mask), prefix
+    runs = []
+    for i, s in enumerate(seqs):
+        if runs and common_prefix_length([seqs[runs[-1][0]], s], keep) - prefix >= MIN_SHARED:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    shared = [common_prefix_length([seqs[i] for i in r], keep) - prefix if len(r) > 1 else 0 for r in runs]
+    return prefix, [g for g, r in enumerate(runs) for _ in r], shared
+
+
+def prefix_and_tails(seqs, pad_id, keep=1):
+    """One batch's prompts laid out for one prefill (shared_parts): the prefix they all share
+    once, then each run's shared part, then each row's own tail, each part padded on its left.
+    Returns ids (B, T), mask (B, T), the prefix's length, each row's run, and the width of
+    the runs' parts (columns prefix .. prefix + width)."""
+    prefix, group, shared = shared_parts(seqs, keep)
+    width = max(shared)
+    own = [len(s) - prefix - shared[g] for s, g in zip(seqs, group)]
+    T = prefix + width + max(own)
+    ids, mask = [], []
+    for s, g, n in zip(seqs, group, own):
+        q, gap = shared[g], T - prefix - width - n  # this row's run part, and the pads before its tail
+        ids.append(s[:prefix] + [pad_id] * (width - q) + s[prefix : prefix + q] + [pad_id] * gap + s[prefix + q :])
+        mask.append([1] * prefix + [0] * (width - q) + [1] * q + [0] * gap + [1] * n)
+    return torch.tensor(ids), torch.tensor(mask), prefix, group, width
 
 
 def positions(mask):
@@ -208,40 +233,51 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1):
+def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1, group=None, width=0):
     """Run every prompt but its last `keep` tokens through the decoder into a static cache of
-    `room` places more, for generate or a forward to go on from: the first `prefix` tokens,
-    the same in every row, once for the batch; the tails a few rows at a time (about
-    chunk_tokens tokens a pass, each group padded only to its own longest tail: small
-    activations, few page faults), their keys and values written straight into the static
-    cache's rows. The vocabulary head does not run (no logits are needed).
-    chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
-    import copy
-
+    `room` places more, for generate or a forward to go on from, laid out as prefix_and_tails
+    lays it: the first `prefix` tokens, the same in every row, once for the batch; each run's
+    part (`width` columns after the prefix; `group`: each row's run) once for the run; the
+    tails a few rows at a time (about chunk_tokens tokens a pass, each pass padded only to its
+    own longest tail: small activations, few page faults), their keys and values written
+    straight into the static cache's rows. The vocabulary head does not run (no logits are
+    needed). chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
     from transformers import DynamicCache, StaticCache
 
     pos, decoder = positions(mask), model.get_decoder()
     B, T = ids.shape
-    shared = DynamicCache(config=model.config)
+    head = prefix + width  # the columns every row takes from `base`
+    base = DynamicCache(config=model.config)  # one row per run (one row in all without runs)
     if prefix:
-        decoder(input_ids=ids[:1, :prefix], position_ids=pos[:1, :prefix], cache=shared, use_cache=True)
+        decoder(input_ids=ids[:1, :prefix], position_ids=pos[:1, :prefix], cache=base, use_cache=True)
+    run = torch.zeros(B, dtype=torch.long) if group is None or not width else torch.as_tensor(group)
+    if width:  # each run's part after the prefix, from the run's first row
+        first = [run.tolist().index(g) for g in range(int(run.max()) + 1)]
+        if prefix:
+            base.batch_repeat_interleave(len(first))
+        decoder(
+            input_ids=ids[first, prefix:head],
+            position_ids=pos[first, prefix:head],
+            attention_mask=mask[first, :head],
+            cache=base,
+            use_cache=True,
+        )
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
-    rows = max(1, chunk_tokens // (T - prefix)) if chunk_tokens else B
+    rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
     cache = StaticCache(config=model.config, max_cache_len=T + room)
     for s in range(0, B, rows):
         part = slice(s, s + rows)
-        n = len(ids[part])
-        lead = prefix + int((mask[part, prefix:-keep].sum(0) == 0).sum())  # columns that are padding in every row
-        done = DynamicCache(config=model.config)
-        if prefix:  # the prefix's keys and values, one copy per row of the group
-            done = copy.deepcopy(shared)
-            done.batch_repeat_interleave(n)
+        lead = head + int((mask[part, head:-keep].sum(0) == 0).sum())  # columns that are padding in every row
+        mine = run[part]  # the shared keys and values, one copy per row of the pass
+        done = DynamicCache(
+            [(kv.keys[mine], kv.values[mine]) for kv in base.layers] if head else None, config=model.config
+        )
         decoder(
             input_ids=ids[part, lead:-keep],
             position_ids=pos[part, lead:-keep],
             cache=done,
             use_cache=True,
-            attention_mask=torch.cat([mask[part, :prefix], mask[part, lead:-keep]], 1),
+            attention_mask=torch.cat([mask[part, :head], mask[part, lead:-keep]], 1),
         )
         for layer, kv in zip(cache.layers, done.layers):
             if not layer.is_initialized:  # zeros (B, KV, T + max_new_tokens, D)
@@ -249,8 +285,8 @@ def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1):
                     kv.keys[:1].expand(B, *kv.keys.shape[1:]), kv.values[:1].expand(B, *kv.values.shape[1:])
                 )
             for full, new in ((layer.keys, kv.keys), (layer.values, kv.values)):
-                full[part, :, :prefix] = new[:, :, :prefix]
-                full[part, :, lead : T - keep] = new[:, :, prefix:]  # between prefix and lead: zeros, masked
+                full[part, :, :head] = new[:, :, :head]
+                full[part, :, lead : T - keep] = new[:, :, head:]  # between head and lead: zeros, masked
     for layer in cache.layers:
         layer.cumulative_length.add_(T - keep)
     return cache
@@ -265,7 +301,7 @@ def prefill(model, input_ids, attention_mask, keep, room):
     input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
     seqs = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
     pads = input_ids[attention_mask == 0]
-    ids, mask, prefix = prefix_and_tails(seqs, int(pads[0]) if len(pads) else 0, keep)
+    ids, mask, prefix, group, width = prefix_and_tails(seqs, int(pads[0]) if len(pads) else 0, keep)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    cache = prefilled_cache(model, ids, mask, prefix, room, keep=keep)
+    cache = prefilled_cache(model, ids, mask, prefix, room, keep=keep, group=group, width=width)
     return {"input_ids": ids, "attention_mask": mask, "cache": cache}

@@ -198,14 +198,15 @@ def generation_config(model, tok, max_new_tokens):
 
 
 def token_batches(order, lengths, rows, new_tokens, budget):
-    """Cut `order` (indices, shortest first) into batches of at most `rows` rows whose
+    """Cut `order` (indices, shortest first as a rule) into batches of at most `rows` rows whose
     rows x (longest length + new_tokens) stays within `budget` tokens (a row alone may pass it)."""
-    batch = []
+    batch, longest = [], 0
     for i in order:
-        if batch and (len(batch) == rows or (len(batch) + 1) * (lengths[i] + new_tokens) > budget):
+        if batch and (len(batch) == rows or (len(batch) + 1) * (max(longest, lengths[i]) + new_tokens) > budget):
             yield batch
-            batch = []
+            batch, longest = [], 0
         batch.append(i)
+        longest = max(longest, lengths[i])
     if batch:
         yield batch
 
@@ -308,7 +309,7 @@ def generate(
             processors.append(RowSampler(t.to(model.device), top_p, u.to(model.device)))
         inputs = model_inputs(model, enc, keep=1, room=max_new_tokens)
         ids = model.generate(**inputs, generation_config=cfg, logits_processor=LogitsProcessorList(processors))
-        answers = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = tok.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)  # past the prompts
         for i, a in zip(idx, answers):
             out[i] = a.strip()
     return out
@@ -326,15 +327,23 @@ class LocalModel(NamedTuple):
 
 
 @torch.no_grad()
-def next_token_logprobs(model, tok, texts, token_ids, then=None, batch_size=16, max_batch_tokens=MAX_BATCH_TOKENS):
+def next_token_logprobs(
+    model, tok, texts, token_ids, then=None, batch_size=16, max_batch_tokens=MAX_BATCH_TOKENS, groups=None
+):
     """log P(token | text) for the given token_ids after each rendered text, from one forward
     pass per batch (at most batch_size texts and max_batch_tokens tokens): (N, 1, len(token_ids)).
     With `then` (a token id), it is appended to every text and the same pass also gives
-    log P(token | text + then): (N, 2, len(token_ids))."""
+    log P(token | text + then): (N, 2, len(token_ids)). Texts go shortest first; with
+    `groups` (a key per text, e.g. the question a judge prompt is about) a group's texts stay
+    side by side, groups in the order of their longest text, so that a prefill that shares
+    prefixes (cpu_speed.py) runs their common part once."""
     keep = 1 if then is None else 2
     cols = torch.tensor(token_ids)
     lengths = [len(ids) + keep for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    if groups is not None:
+        longest = {groups[i]: (len(texts[i]), i) for i in order}  # shortest first: the last is the longest
+        order.sort(key=lambda i: longest[groups[i]])
     out = torch.empty(len(texts), keep, len(token_ids))
     for idx in token_batches(order, lengths, batch_size, 0, max_batch_tokens):
         inputs = model_inputs(model, encode(model, tok, [texts[i] for i in idx], 0, idx, then), keep=keep, room=0)

@@ -95,11 +95,11 @@ def rating_token_ids(tok):
 
 
 @torch.no_grad()
-def rating_distribution(model, tok, conversations, batch_size=16, max_batch_tokens=generation.MAX_BATCH_TOKENS):
+def rating_distribution(model, tok, conversations, batch_size=16, max_batch_tokens=None, groups=None):
     """P(rating = k | judge prompt + 'Rating: ') for k = 1..10, shape (N, 10), from one forward
-    pass per batch. Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the token
-    '1' is appended, so the same pass also gives P('0' | '1'): P(10) = P('1') P('0' | '1') and
-    P(1) = P('1') (1 - P('0' | '1'))."""
+    pass per batch (groups: each one's question, as generation.next_token_logprobs takes them).
+    Where '10' is two tokens ('1', '0', as in SmolLM2's vocabulary) the token '1' is appended,
+    so the same pass also gives P('0' | '1'): P(10) = P('1') P('0' | '1'), P(1) = P('1') (1 - P('0' | '1'))."""
     ids = rating_token_ids(tok)
     two = len(ids[9]) == 2
     if two and ids[9][0] != ids[0][0]:
@@ -113,7 +113,8 @@ def rating_distribution(model, tok, conversations, batch_size=16, max_batch_toke
         digits,
         then=ids[0][0] if two else None,
         batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
+        max_batch_tokens=max_batch_tokens or generation.MAX_BATCH_TOKENS,
+        groups=groups,
     )
     p = lp[:, 0].exp()  # (N, 10): P(1..9) as a first token, then P('10') or, if two tokens, P('0') as a first token
     if two:
@@ -159,7 +160,7 @@ class Judge:
             return []
         convs = [judge_conversation(objective, q, a) for q, a in items]
         if self.mode.startswith("logits"):
-            return ratings_from_distribution(self.rating_probs(convs), self.mode)
+            return ratings_from_distribution(self.rating_probs(convs, [q for q, _ in items]), self.mode)
         scores = self.ask(convs, parse_rating)
         self.check_readable(len(scores), sum(s is None for s in scores))
         return [{"score": s} for s in scores]
@@ -201,8 +202,8 @@ class LocalJudge(Judge):
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_batch_tokens = max_batch_tokens
 
-    def rating_probs(self, conversations):
-        return rating_distribution(self.model, self.tok, conversations, self.batch_size, self.max_batch_tokens)
+    def rating_probs(self, conversations, groups=None):
+        return rating_distribution(self.model, self.tok, conversations, self.batch_size, self.max_batch_tokens, groups)
 
     def ask(self, conversations, parse):
         texts = generation.generate(
@@ -226,7 +227,7 @@ class HttpJudge(Judge):
         self.api_base, self.model_name, self.mode = chat_api.check_api_base(api_base), model, mode
         self.concurrency, self.timeout, self.backoff, self.max_tokens = concurrency, timeout, backoff, max_tokens
 
-    def rating_probs(self, conversations):
+    def rating_probs(self, conversations, groups=None):  # groups: only a local model's batches use them
         """The logits modes through the server, as SPA's model judges itself when vLLM serves it:
         P(rating = k) for k = 1..10, (N, 10), from the top_logprobs of the token that follows
         the judge prompt and an assistant turn begun with 'Rating: ' (continued, not answered:

@@ -90,32 +90,32 @@ def real_kv(cache, mask):
 
 
 @pytest.mark.parametrize("chunk", [7, 40])
-def test_prefill_of_a_shared_prefix_in_row_groups_fills_the_cache_of_one_pass(real_model_dir, chunk):
-    """Prompts that share a prefix, of different lengths: the prefix prefilled once and the tails a
-    few rows at a time leave the keys and values that one left-padded pass leaves at every
-    real position."""
+def test_prefill_of_a_shared_prefix_and_shared_questions_fills_the_cache_of_one_pass(real_model_dir, chunk):
+    """Judge-like prompts of different lengths: a prefix all share, runs of rows that also share a
+    question (its answers), and a row alone. The prefix prefilled once, each question once for
+    its run, and the tails a few rows at a time leave the keys and values that one left-padded
+    pass leaves at every real position."""
     model, tok = common.load_model(str(real_model_dir))
     shared = "Follow these principles: be kind, be honest, refuse harm. " * 3
+    questions = {
+        "Is it safe to eat raw chicken? Tell me why or why not, in detail.": ["No.", "It is not: salmonella."],
+        "What is the capital of France? Answer in one word, please.": ["Paris.", "Lyon.", "It is Paris."],
+        "Hi": ["Hello!"],
+    }
     convs = [
-        generation.user_turn(shared + q)
-        for q in (
-            "Hi",
-            "What is the capital of France? Answer in one word.",
-            "Name a colour.",
-            "Is it safe to eat raw chicken? Why or why not?",
-        )
+        generation.user_turn(f"{shared}Question: {q} Answer: {a}") for q, answers in questions.items() for a in answers
     ]
-    seqs = sorted((tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs), key=len)
-    ids, mask, h = cpu_speed.prefix_and_tails(seqs, tok.pad_token_id)
-    assert h > 20  # the path under test shares a prefix
-    T = ids.shape[1]
+    seqs = [tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
+    ids, mask, h, group, width = cpu_speed.prefix_and_tails(seqs, tok.pad_token_id)
+    assert h > 20 and width >= cpu_speed.MIN_SHARED and group == [0, 0, 1, 1, 1, 2]  # both levels are under test
+    T = max(map(len, seqs))
     left = (
         torch.tensor([[0] * (T - len(s)) + s for s in seqs]),
         torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs]),
     )
     with torch.no_grad():
         plain = cpu_speed.prefilled_cache(model, *left, 0, 4, chunk_tokens=0)  # left padding, nothing shared
-        grouped = cpu_speed.prefilled_cache(model, ids, mask, h, 4, chunk_tokens=chunk)
+        grouped = cpu_speed.prefilled_cache(model, ids, mask, h, 4, chunk_tokens=chunk, group=group, width=width)
     for (k0, v0), (k1, v1) in zip(real_kv(plain, left[1]), real_kv(grouped, mask)):
         assert torch.allclose(k0, k1, atol=1e-4) and torch.allclose(v0, v1, atol=1e-4)
     assert cpu_speed.common_prefix_length([[1, 2, 3, 4], [1, 2, 5, 6, 7]]) == 2
@@ -125,11 +125,15 @@ def test_prefill_of_a_shared_prefix_in_row_groups_fills_the_cache_of_one_pass(re
 def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypatch):
     """The embedded model, laid out for the CPU and plain: greedy and sampled answers identical,
     judge distributions equal to float tolerance (the judges' expected ratings, which the demo
-    rounds); the shared-prefix prefill ran."""
+    rounds), a question's judge prompts side by side; the shared-prefix prefill ran, at both levels."""
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
-    prefixes = []
+    prefixes, widths = [], []
     real = cpu_speed.prefilled_cache
-    monkeypatch.setattr(cpu_speed, "prefilled_cache", lambda *a, **k: prefixes.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(
+        cpu_speed,
+        "prefilled_cache",
+        lambda *a, **k: prefixes.append(a[3]) or widths.append(k["width"]) or real(*a, **k),
+    )
     convs = [
         generation.user_turn(q)
         for q in ("How do I boil an egg?", "Tell me how to pick a lock.", "What is 12 times 12?")
@@ -141,9 +145,11 @@ def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypat
         for m in (plain, fast)
     ]
     assert sampled[0] == sampled[1] and sampled[0] != texts[0]
-    judge = [judging.judge_conversation("harmlessness", c[0]["content"], t) for c, t in zip(convs, texts[0])]
-    p0, p1 = (judging.rating_distribution(m, tok, judge, batch_size=3) for m in (plain, fast))
-    assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0
+    items = [(c[0]["content"], t) for c, *answers in zip(convs, texts[0], sampled[0]) for t in answers]
+    judge = [judging.judge_conversation("harmlessness", q, t) for q, t in items]
+    widths.clear()
+    p0, p1 = (judging.rating_distribution(m, tok, judge, 6, groups=[q for q, _ in items]) for m in (plain, fast))
+    assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0 and widths[0] >= cpu_speed.MIN_SHARED
 
 
 def test_the_stages_run_without_the_module(tmp_path, tiny_model_dir):
