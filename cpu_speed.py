@@ -233,25 +233,37 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1, group=None, width=0):
-    """Run every prompt but its last `keep` tokens through the decoder into a static cache of
-    `room` places more, for generate or a forward to go on from, laid out as prefix_and_tails
-    lays it: the first `prefix` tokens, the same in every row, once for the batch; each run's
-    part (`width` columns after the prefix; `group`: each row's run) once for the run; the
-    tails a few rows at a time (about chunk_tokens tokens a pass, each pass padded only to its
-    own longest tail: small activations, few page faults), their keys and values written
-    straight into the static cache's rows. The vocabulary head does not run (no logits are
-    needed). chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
-    from transformers import DynamicCache, StaticCache
+def prefix_cache(model, prefix):
+    """The keys and values of `prefix` (token ids, one row) in a DynamicCache of its own. The
+    last prefix stays on the model, and the next batch runs only what its own prefix does not
+    share with it (a judge's instructions and constitution recur in every batch; causal
+    attention: a shared beginning's keys and values are the same)."""
+    from transformers import DynamicCache
 
-    pos, decoder = positions(mask), model.get_decoder()
-    B, T = ids.shape
-    head = prefix + width  # the columns every row takes from `base`
-    base = DynamicCache(config=model.config)  # one row per run (one row in all without runs)
-    if prefix:
-        decoder(input_ids=ids[:1, :prefix], position_ids=pos[:1, :prefix], cache=base, use_cache=True)
-    run = torch.zeros(B, dtype=torch.long) if group is None or not width else torch.as_tensor(group)
-    if width:  # each run's part after the prefix, from the run's first row
+    kept = getattr(model, "_spa_prefix", None) or ([], None)
+    n = min(len(kept[0]), len(prefix))
+    done = next((i for i in range(n) if kept[0][i] != prefix[i]), n)
+    cache = DynamicCache([(k[:, :, :done], v[:, :, :done]) for k, v in kept[1]] if done else None, config=model.config)
+    if done < len(prefix):
+        ids = torch.tensor([prefix[done:]], device=model.device)
+        pos = torch.arange(done, len(prefix), device=model.device)[None]
+        model.get_decoder()(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
+    if prefix:  # DynamicCache's updates concatenate: these tensors are never written again
+        model._spa_prefix = (prefix, [(kv.keys, kv.values) for kv in cache.layers])
+    return cache
+
+
+def shared_cache(model, ids, mask, pos, prefix, width, group):
+    """The keys and values that rows laid out by prefix_and_tails take before their own tails:
+    the first `prefix` tokens, the same in every row, run once (prefix_cache); then each run's part (`width`
+    columns after the prefix; `group`: each row's run) once for the run, from its first row.
+    Returns a DynamicCache with one row per run (one row in all without runs) and each row's
+    run as a tensor."""
+
+    decoder, head = model.get_decoder(), prefix + width
+    base = prefix_cache(model, ids[0, :prefix].tolist())
+    run = torch.zeros(len(ids), dtype=torch.long) if group is None or not width else torch.as_tensor(group)
+    if width:
         first = [run.tolist().index(g) for g in range(int(run.max()) + 1)]
         if prefix:
             base.batch_repeat_interleave(len(first))
@@ -262,23 +274,47 @@ def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1, g
             cache=base,
             use_cache=True,
         )
+    return base, run
+
+
+def tails_pass(model, ids, mask, pos, base, run, part, head, keep):
+    """One decoder pass over the tails of rows `part` (all but each row's last `keep` tokens),
+    after the first `head` columns' keys and values in `base` (shared_cache). Columns from
+    `head` that are padding in every row of the pass are skipped. Returns the pass's
+    DynamicCache (its rows' head columns, then the columns it ran) and the first column run."""
+    from transformers import DynamicCache
+
+    lead = head + int((mask[part, head:-keep].sum(0) == 0).sum())
+    mine = run[part]  # the shared keys and values, one copy per row of the pass
+    done = DynamicCache([(kv.keys[mine], kv.values[mine]) for kv in base.layers] if head else None, config=model.config)
+    model.get_decoder()(
+        input_ids=ids[part, lead:-keep],
+        position_ids=pos[part, lead:-keep],
+        cache=done,
+        use_cache=True,
+        attention_mask=torch.cat([mask[part, :head], mask[part, lead:-keep]], 1),
+    )
+    return done, lead
+
+
+def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1, group=None, width=0):
+    """Run every prompt but its last `keep` tokens through the decoder into a static cache of
+    `room` places more, for generate to go on from, laid out as prefix_and_tails lays it: the
+    shared keys and values once (shared_cache), then the tails a few rows at a time (about
+    chunk_tokens tokens a pass, each pass padded only to its own longest tail: small
+    activations, few page faults), their keys and values written straight into the static
+    cache's rows. The vocabulary head does not run (no logits are needed).
+    chunk_tokens: None = PREFILL_TOKENS, 0 = every row in one pass."""
+    from transformers import StaticCache
+
+    pos, (B, T), head = positions(mask), ids.shape, prefix + width
+    base, run = shared_cache(model, ids, mask, pos, prefix, width, group)
     chunk_tokens = PREFILL_TOKENS if chunk_tokens is None else chunk_tokens
     rows = max(1, chunk_tokens // (T - head)) if chunk_tokens else B
     cache = StaticCache(config=model.config, max_cache_len=T + room)
     for s in range(0, B, rows):
         part = slice(s, s + rows)
-        lead = head + int((mask[part, head:-keep].sum(0) == 0).sum())  # columns that are padding in every row
-        mine = run[part]  # the shared keys and values, one copy per row of the pass
-        done = DynamicCache(
-            [(kv.keys[mine], kv.values[mine]) for kv in base.layers] if head else None, config=model.config
-        )
-        decoder(
-            input_ids=ids[part, lead:-keep],
-            position_ids=pos[part, lead:-keep],
-            cache=done,
-            use_cache=True,
-            attention_mask=torch.cat([mask[part, :head], mask[part, lead:-keep]], 1),
-        )
+        done, lead = tails_pass(model, ids, mask, pos, base, run, part, head, keep)
         for layer, kv in zip(cache.layers, done.layers):
             if not layer.is_initialized:  # zeros (B, KV, T + max_new_tokens, D)
                 layer.lazy_initialization(
@@ -294,14 +330,22 @@ def prefilled_cache(model, ids, mask, prefix, room, chunk_tokens=None, keep=1, g
 
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask, keep, room):
-    """generation.model_inputs on a prepared model: a batch's left-padded prompts laid out as a
-    shared prefix and tails (prefix_and_tails), all but the last `keep` tokens prefilled into
-    a static cache with `room` places more. Returns generate's (or a forward's) inputs:
-    input_ids and attention_mask of the same width, and the cache."""
+    """generation.model_inputs on a prepared model: a batch's left-padded prompts laid out by
+    prefix_and_tails, all but the last `keep` tokens prefilled into a cache. For generate
+    (room > 0) a static cache with `room` places more (prefilled_cache); for one forward
+    (room = 0, a judge's rating) the cache of one pass over every row, and the columns that
+    are padding in every row dropped. Returns generate's (or the forward's) inputs:
+    input_ids and attention_mask of the cache's width plus `keep`, and the cache."""
     input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
     seqs = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
     pads = input_ids[attention_mask == 0]
     ids, mask, prefix, group, width = prefix_and_tails(seqs, int(pads[0]) if len(pads) else 0, keep)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    cache = prefilled_cache(model, ids, mask, prefix, room, keep=keep, group=group, width=width)
-    return {"input_ids": ids, "attention_mask": mask, "cache": cache}
+    if room:
+        cache = prefilled_cache(model, ids, mask, prefix, room, keep=keep, group=group, width=width)
+        return {"input_ids": ids, "attention_mask": mask, "cache": cache}
+    pos, head = positions(mask), prefix + width
+    base, run = shared_cache(model, ids, mask, pos, prefix, width, group)
+    cache, lead = tails_pass(model, ids, mask, pos, base, run, slice(None), head, keep)
+    cols = torch.cat([torch.arange(head), torch.arange(lead, ids.shape[1])]).to(ids.device)
+    return {"input_ids": ids[:, cols], "attention_mask": mask[:, cols], "cache": cache}

@@ -128,12 +128,8 @@ def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypat
     rounds), a question's judge prompts side by side; the shared-prefix prefill ran, at both levels."""
     (plain, tok), (fast, _) = plain_and_fast(real_model_dir, monkeypatch)
     prefixes, widths = [], []
-    real = cpu_speed.prefilled_cache
-    monkeypatch.setattr(
-        cpu_speed,
-        "prefilled_cache",
-        lambda *a, **k: prefixes.append(a[3]) or widths.append(k["width"]) or real(*a, **k),
-    )
+    real = cpu_speed.shared_cache
+    monkeypatch.setattr(cpu_speed, "shared_cache", lambda *a: prefixes.append(a[4]) or widths.append(a[5]) or real(*a))
     convs = [
         generation.user_turn(q)
         for q in ("How do I boil an egg?", "Tell me how to pick a lock.", "What is 12 times 12?")
@@ -150,6 +146,12 @@ def test_the_cpu_path_writes_the_plain_text_and_scores(real_model_dir, monkeypat
     widths.clear()
     p0, p1 = (judging.rating_distribution(m, tok, judge, 6, groups=[q for q, _ in items]) for m in (plain, fast))
     assert torch.allclose(p0, p1, atol=1e-4) and float(p0.std()) > 0 and widths[0] >= cpu_speed.MIN_SHARED
+    kept = fast._spa_prefix[0]  # the judge's prefix (the generation's before it), kept for the next batch
+    p2 = judging.rating_distribution(fast, tok, judge, 2, groups=[q for q, _ in items])  # three batches reuse it
+    assert len(kept) > 200 and torch.allclose(p0, p2, atol=1e-4)
+    helpful = [judging.judge_conversation("helpfulness", q, t) for q, t in items]  # a prefix as long, not the same
+    h0, h1 = (judging.rating_distribution(m, tok, helpful, 6) for m in (plain, fast))
+    assert torch.allclose(h0, h1, atol=1e-4) and fast._spa_prefix[0] != kept
 
 
 def test_the_stages_run_without_the_module(tmp_path, tiny_model_dir):
