@@ -32,7 +32,7 @@ ablations: $(STAMP)
 oracle: $(STAMP)
 	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
 
-study: $(STAMP)   # about 3 hours on 2 cores (not yet timed with the controls); rerun after a kill to resume
+study: $(STAMP)   # about 3 hours on 2 cores (computed from a 2-seed run, docs/BENCHMARKS.md); rerun after a kill to resume
 	RUN=runs/study PY=$(PY) bash oracle/study.sh
 
 study-self: $(STAMP)   # one seed of SPA judging itself, the oracle judging the evaluation; resumable

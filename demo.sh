@@ -20,7 +20,7 @@ iteration() {  # $1 = iteration number
   $PY sample.py --input data/train_prompts.jsonl --output "$dir/samples.jsonl" --model "$model" \
       --num-candidates 4 --max-new-tokens 64 --batch-size 42 --seed "$1"
   $PY score.py --input "$dir/samples.jsonl" --output "$dir/scored.jsonl" --model "$model" "${JUDGE[@]}" \
-      --primary $PRIMARY --batch-size 42 --judge-batch-size 42   # judge prompts 42 at a time: their shared prefix prefilled once a batch
+      --primary $PRIMARY --batch-size 42 --judge-batch-size 42   # judge prompts 42 at a time, a question's side by side
   $PY refine.py --input "$dir/scored.jsonl" --output "$dir/refined.jsonl" --model "$model" "${JUDGE[@]}" \
       --max-new-tokens 96 --batch-size 42 --judge-batch-size 42
   $PY denoise.py --input "$dir/refined.jsonl" --output "$dir/denoised.jsonl" --tau-quantile 0.5 --no-consistency
