@@ -24,6 +24,7 @@ For inference:
              instead of faulting fresh ones in
 For training:
   products   each linear layer's forward and both gradients as oneDNN products
+  memory     as for inference (faster steps for a higher peak, docs/BENCHMARKS.md)
   packing    train.py --pack's default (PACK_BY_DEFAULT): a micro-batch's sequences end to end
              in one row, no padding computed (policy_model.py holds the packed layout)
 """
@@ -62,7 +63,9 @@ def prepared(model):
 
 
 def prepare_training(model):
-    """Every bias-free linear layer's products on oneDNN (float32 only). Returns the model."""
+    """Every bias-free linear layer's products on oneDNN (float32 only), freed memory kept.
+    Returns the model."""
+    keep_freed_memory()
     if torch.backends.mkldnn.is_available():
         for m in model.modules():
             if type(m) is nn.Linear and m.bias is None:
@@ -141,7 +144,7 @@ class OneDnnLinear(nn.Linear):
 def keep_freed_memory():
     """glibc keeps freed memory in the process: no block gets a mapping of its own
     (M_MMAP_MAX 0) and the heap's free top is handed back only above 2 GiB (M_TRIM_THRESHOLD).
-    A GLIBC_TUNABLES that sets malloc options wins. Not for training (more peak memory there)."""
+    A GLIBC_TUNABLES that sets malloc options wins."""
     if platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     libc = ctypes.CDLL("libc.so.6")
