@@ -32,11 +32,14 @@ ablations: $(STAMP)
 oracle: $(STAMP)
 	RUN=runs/oracle PY=$(PY) bash oracle/run.sh
 
-study: $(STAMP)   # about 3 hours on 2 cores (computed from a 2-seed run, docs/BENCHMARKS.md); rerun after a kill to resume
+study: $(STAMP)   # about 2.2 hours on 2 cores (computed from a 2-seed run, docs/BENCHMARKS.md); rerun after a kill to resume
 	RUN=runs/study PY=$(PY) bash oracle/study.sh
 
-study-self: $(STAMP)   # one seed of SPA judging itself, the oracle judging the evaluation; resumable
-	RUN=runs/study-self SELF=1 SEEDS=1 VARIANTS=spa PY=$(PY) bash oracle/study.sh
+study-self: $(STAMP)   # one seed of SPA judging itself on 90 + 30 of the prompts, the oracle judging the evaluation; resumable
+	mkdir -p runs/study-self && head -n 90 data/study_train.jsonl > runs/study-self/train.jsonl
+	head -n 30 data/study_val.jsonl > runs/study-self/val.jsonl
+	RUN=runs/study-self SELF=1 SEEDS=1 VARIANTS=spa TRAIN_PROMPTS=runs/study-self/train.jsonl \
+	  VAL_PROMPTS=runs/study-self/val.jsonl PY=$(PY) bash oracle/study.sh
 
 bench: $(STAMP)   # TRL_PYTHON=/path/to/python-with-trl DEMO_BASE=<git rev> add the train and demo ratios
 	$(PY) bench/sample_throughput.py

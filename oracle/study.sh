@@ -3,9 +3,10 @@
 # model, a judge of known rules (oracle/judge.py), 240 real harmful requests for training,
 # 60 for validation (TrustLLM's misuse set) and 120 held-out prompts from another source
 # (XSTest v2, safe and unsafe halves), 3 seeds of the whole loop, and the variants vanilla, SPA,
-# the reverse priority, SPA without denoising, SPA with w = 1 (simpo), the random-order control
-# (SPA's pairs, each order a seeded coin), SFT on the refined answers, and SPA and the control at
-# a learning rate 10x lower for LOW_EPOCHS epochs. Every stage resumes: rerun after a kill.
+# the reverse priority, the random-order control (SPA's pairs, each order a seeded coin), SFT on
+# the refined answers, and SPA and the control at a learning rate 10x lower for LOW_EPOCHS epochs
+# (VARIANTS may add nodenoise, SPA without denoising, and simpo, SPA with w = 1). Every stage
+# resumes: rerun after a kill.
 # oracle/study.py then measures the chain link by link, the contrasts that separate the order's
 # effect from training's, and writes the tables and one picture; RUN/summary/time.txt says
 # where the time went.
@@ -21,7 +22,7 @@ LR=${LR:-3e-4}      # chosen on the validation split (README: what was tried)
 EPOCHS=${EPOCHS:-1}
 LOW_LR=${LOW_LR:-3e-5}
 LOW_EPOCHS=${LOW_EPOCHS:-2}
-VARIANTS=${VARIANTS:-spa simpo reverse nodenoise random sft spa_lowlr random_lowlr}
+VARIANTS=${VARIANTS:-spa reverse random sft spa_lowlr random_lowlr}   # also: simpo nodenoise
 TRAIN_PROMPTS=${TRAIN_PROMPTS:-data/study_train.jsonl}   # smaller files make a smoke run
 VAL_PROMPTS=${VAL_PROMPTS:-data/study_val.jsonl}
 HELDOUT=${HELDOUT:-data/study_heldout.jsonl}
