@@ -342,8 +342,9 @@ def next_token_logprobs(
     lengths = [len(ids) + keep for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     if groups is not None:  # a key may be a conversation (a list): compared by its repr
-        longest = {repr(groups[i]): (len(texts[i]), i) for i in order}  # shortest first: the last is the longest
-        order.sort(key=lambda i: longest[repr(groups[i])])
+        keys = [repr(g) for g in groups]
+        longest = {keys[i]: (len(texts[i]), i) for i in order}  # shortest first: the last is the longest
+        order.sort(key=lambda i: longest[keys[i]])
     out = torch.empty(len(texts), keep, len(token_ids))
     for idx in token_batches(order, lengths, batch_size, 0, max_batch_tokens):
         inputs = model_inputs(model, encode(model, tok, [texts[i] for i in idx], 0, idx, then), keep=keep, room=0)
