@@ -15,9 +15,9 @@ For inference:
   prefill    generation.model_inputs hands a batch here (prefill): the prompt prefix its rows
              share (the chat template's system prompt, a judge's instructions and
              constitution) runs once, then once per run of rows the part they share beyond it
-             (a question its candidates' judge prompts repeat, a prompt's samples), then each
-             row's tail, a few rows at a time, into a static cache that generate (or the
-             judge's one forward) goes on from
+             (a question its candidates' judge prompts repeat, a system prompt its samples
+             repeat), then each row's tail, a few rows at a time, into a static cache that
+             generate (or the judge's one forward) goes on from
   attention  grouped-query attention without copying keys and values to every query head,
              reading only the filled part of the static cache when decoding
   memory     glibc keeps the memory the process frees, so each step's buffers reuse pages
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 ATTENTION = "spa_cpu"  # the attention implementation registered by prepare_inference
 PREFILL_TOKENS = 2048  # prompt tokens per prefill pass (rows x padded tail); 0 = every row at once
-MIN_SHARED = 8  # tokens consecutive rows share beyond a batch's prefix for prefill to run them once
+MIN_SHARED = 8  # tokens rows share beyond a batch's prefix for prefill to run them once
 PACK_BY_DEFAULT = True  # train.py --pack on the CPU (docs/BENCHMARKS.md); the plain path pads
 
 
@@ -199,18 +199,25 @@ def common_prefix_length(seqs, keep=1):
 
 def shared_parts(seqs, keep=1):
     """Two levels of sharing among one batch's prompts: the prefix every row shares, and, for
-    runs of consecutive rows that share at least MIN_SHARED tokens more (a judge prompt's
-    candidates of one question, a prompt's samples), that part. Returns the prefix's length,
-    each row's run and each run's shared length after the prefix (0 for a row alone)."""
+    runs of rows that share at least MIN_SHARED tokens more (a judge prompt's candidates of one
+    question, the samples under one system prompt), that part. Runs are found in the rows'
+    sorted order (rows that begin alike side by side, wherever they are in the batch) and
+    numbered by their first row. Returns the prefix's length, each row's run and each run's
+    shared length after the prefix (0 for a row alone)."""
     prefix = common_prefix_length(seqs, keep) if len(seqs) > 1 else 0
     runs = []
-    for i, s in enumerate(seqs):
-        if runs and common_prefix_length([seqs[runs[-1][0]], s], keep) - prefix >= MIN_SHARED:
+    for i in sorted(range(len(seqs)), key=seqs.__getitem__):
+        if runs and common_prefix_length([seqs[runs[-1][0]], seqs[i]], keep) - prefix >= MIN_SHARED:
             runs[-1].append(i)
         else:
             runs.append([i])
+    runs.sort(key=min)
+    group = [0] * len(seqs)
+    for g, r in enumerate(runs):
+        for i in r:
+            group[i] = g
     shared = [common_prefix_length([seqs[i] for i in r], keep) - prefix if len(r) > 1 else 0 for r in runs]
-    return prefix, [g for g, r in enumerate(runs) for _ in r], shared
+    return prefix, group, shared
 
 
 def prefix_and_tails(seqs, pad_id, keep=1):

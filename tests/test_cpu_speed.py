@@ -89,12 +89,14 @@ def real_kv(cache, mask):
     return [(c.keys[:, :, :n].transpose(1, 2)[real], c.values[:, :, :n].transpose(1, 2)[real]) for c in cache.layers]
 
 
-@pytest.mark.parametrize("chunk", [7, 40])
-def test_prefill_of_a_shared_prefix_and_shared_questions_fills_the_cache_of_one_pass(real_model_dir, chunk):
+@pytest.mark.parametrize("chunk, interleaved", [(7, False), (40, True)])
+def test_prefill_of_a_shared_prefix_and_shared_questions_fills_the_cache_of_one_pass(
+    real_model_dir, chunk, interleaved
+):
     """Judge-like prompts of different lengths: a prefix all share, runs of rows that also share a
-    question (its answers), and a row alone. The prefix prefilled once, each question once for
-    its run, and the tails a few rows at a time leave the keys and values that one left-padded
-    pass leaves at every real position."""
+    question (its answers, side by side or interleaved with another question's), and a row alone.
+    The prefix prefilled once, each question once for its run, and the tails a few rows at a
+    time leave the keys and values that one left-padded pass leaves at every real position."""
     model, tok = common.load_model(str(real_model_dir))
     shared = "Follow these principles: be kind, be honest, refuse harm. " * 3
     questions = {
@@ -105,9 +107,11 @@ def test_prefill_of_a_shared_prefix_and_shared_questions_fills_the_cache_of_one_
     convs = [
         generation.user_turn(f"{shared}Question: {q} Answer: {a}") for q, answers in questions.items() for a in answers
     ]
+    convs = convs[::2] + convs[1::2] if interleaved else convs
     seqs = [tok(generation.chat_text(tok, c), add_special_tokens=False)["input_ids"] for c in convs]
     ids, mask, h, group, width = cpu_speed.prefix_and_tails(seqs, tok.pad_token_id)
-    assert h > 20 and width >= cpu_speed.MIN_SHARED and group == [0, 0, 1, 1, 1, 2]  # both levels are under test
+    runs = [0, 1, 1, 0, 1, 2] if interleaved else [0, 0, 1, 1, 1, 2]  # a run is found wherever its rows are
+    assert h > 20 and width >= cpu_speed.MIN_SHARED and group == runs  # both levels are under test
     T = max(map(len, seqs))
     left = (
         torch.tensor([[0] * (T - len(s)) + s for s in seqs]),
