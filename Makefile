@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests   # one thread per worker: two workers' threads would share the cores
 
 demo: $(STAMP)
 	RUN=$(RUN) ITER=$(ITER) PY=$(PY) bash demo.sh
